@@ -1,0 +1,186 @@
+"""The Python API: ``pipe = qwen2audio.load(path)``; ``pipe.chat(messages)``, ``chat_batch``, ``stream``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .chat import TASK_PROMPTS, asr_prompt, raw_prompt
+from .engine import SamplingParams, generate_steps
+from .model import Qwen2AudioModel
+from .processor import Qwen2AudioProcessor
+from .weights import CheckpointError, check_directory
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def bundled_model_dir() -> Path | None:
+    """The small model shipped inside the package, when present."""
+    path = Path(__file__).parent / "assets" / "model"
+    return path if (path / "config.json").exists() else None
+
+
+def resolve_dtype(dtype, device: str) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def stop_ids_from(directory: Path, processor: Qwen2AudioProcessor) -> set[int]:
+    """End-of-turn ids: generation_config.json's eos ids, plus <|im_end|> and <|endoftext|>."""
+    tok = processor.tokenizer
+    ids = {tok.im_end_id, tok.endoftext_id}
+    gen = directory / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return ids
+
+
+class Pipeline:
+    def __init__(self, model: Qwen2AudioModel, processor: Qwen2AudioProcessor, stop_ids: set[int],
+                 truncate: bool = False):
+        self.model = model
+        self.processor = processor
+        self.stop_ids = stop_ids
+        self.truncate = truncate  # True mimics the reference's cut at 30 s
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def params(self, sampling: SamplingParams | None = None, **kwargs) -> SamplingParams:
+        if sampling is not None and kwargs:
+            raise ValueError("pass either a SamplingParams or keyword sampling options, not both")
+        return sampling or SamplingParams(**kwargs)
+
+    # ---- entry points ------------------------------------------------------------------------
+    def chat(self, messages: list[dict], sampling: SamplingParams | None = None, **kwargs) -> str:
+        return self.chat_batch([messages], sampling, **kwargs)[0]
+
+    def chat_batch(self, conversations: list[list[dict]], sampling: SamplingParams | None = None, **kwargs) -> list[str]:
+        inputs = self.processor.prepare_chats(conversations, truncate=self.truncate)
+        return self._run(inputs, self.params(sampling, **kwargs))
+
+    def stream(self, messages: list[dict], sampling: SamplingParams | None = None, **kwargs) -> Iterator[str]:
+        inputs = self.processor.prepare_chats([messages], truncate=self.truncate)
+        yield from self._stream(inputs, self.params(sampling, **kwargs))
+
+    def complete(self, prompts: list[str], audio: list | None = None, sampling: SamplingParams | None = None,
+                 **kwargs) -> list[str]:
+        """Raw (base-model) prompts such as `<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:`."""
+        inputs = self.processor.prepare_raw(prompts, audio, truncate=self.truncate)
+        return self._run(inputs, self.params(sampling, **kwargs))
+
+    def transcribe(self, audio, language: str | None = None, chat: bool = False, **kwargs) -> str:
+        """ASR with the paper's prompt; language tags like `<|en|>` are removed from the answer."""
+        if chat:
+            messages = [{"role": "user", "content": [{"type": "audio", "audio": audio},
+                                                      {"type": "text", "text": "Transcribe the speech."}]}]
+            text = self.chat(messages, **kwargs)
+        else:
+            text = self.complete([raw_prompt(asr_prompt(language))], [audio], **kwargs)[0]
+        return strip_tags(text)
+
+    # ---- running -----------------------------------------------------------------------------
+    def _run(self, inputs, params: SamplingParams) -> list[str]:
+        B = inputs["input_ids"].shape[0]
+        decoders = [_Answer(self.tokenizer, params.stop) for _ in range(B)]
+        for step in generate_steps(self.model, inputs, params, self.stop_ids | set(params.stop_token_ids)):
+            for i, tok in enumerate(step.tokens):
+                if tok is not None and not decoders[i].stopped:
+                    decoders[i].push(tok)
+            if all(d.stopped or f for d, f in zip(decoders, step.finished)):
+                break
+        return [d.text for d in decoders]
+
+    def _stream(self, inputs, params: SamplingParams) -> Iterator[str]:
+        answer = _Answer(self.tokenizer, params.stop)
+        for step in generate_steps(self.model, inputs, params, self.stop_ids | set(params.stop_token_ids)):
+            tok = step.tokens[0]
+            if tok is not None:
+                piece = answer.push(tok)
+                if piece:
+                    yield piece
+            if answer.stopped or step.finished[0]:
+                break
+        tail = answer.flush()
+        if tail:
+            yield tail
+
+
+class _Answer:
+    """Accumulates one row's tokens into text, holding back what could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop = [s for s in stop if s]
+        self.text_all = ""  # decoded so far
+        self.sent = 0  # chars already handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self.text_all += self.decoder.push(token_id)
+        for s in self.stop:
+            cut = self.text_all.find(s)
+            if cut != -1:
+                self.text_all, self.stopped = self.text_all[:cut], True
+        safe = len(self.text_all)
+        if not self.stopped:
+            # Keep back a tail that is a prefix of some stop string, so it is never streamed out.
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(self.text_all)), 0, -1):
+                    if self.text_all.endswith(s[:k]):
+                        safe = min(safe, len(self.text_all) - k)
+                        break
+        piece, self.sent = self.text_all[self.sent:safe], max(self.sent, safe)
+        return piece
+
+    def flush(self) -> str:
+        piece, self.sent = self.text_all[self.sent:], len(self.text_all)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.text_all
+
+
+def strip_tags(text: str) -> str:
+    import re
+
+    return re.sub(r"<\|[^|>]*\|>", "", text).strip()
+
+
+def load(path: str | Path | None = None, device: str | None = None, dtype=None, progress: bool = True,
+         truncate: bool = False) -> Pipeline:
+    """Load a checkpoint directory (or the bundled model when `path` is None) for inference."""
+    if path is None:
+        path = bundled_model_dir()
+        if path is None:
+            raise CheckpointError("no model given and no bundled model is installed; pass a checkpoint directory")
+    directory = check_directory(path)
+    device = device or default_device()
+    model = Qwen2AudioModel.from_pretrained(directory, device=device, dtype=resolve_dtype(dtype, device),
+                                            progress=progress)
+    processor = Qwen2AudioProcessor.from_pretrained(directory)
+    if processor.n_mels != model.config.audio_config.num_mel_bins:
+        raise CheckpointError(
+            f"{directory}: preprocessor feature_size={processor.n_mels} but the encoder expects "
+            f"{model.config.audio_config.num_mel_bins} mel bins"
+        )
+    return Pipeline(model, processor, stop_ids_from(directory, processor), truncate=truncate)
+
+
+__all__ = ["Pipeline", "load", "TASK_PROMPTS"]

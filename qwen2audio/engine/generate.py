@@ -1,0 +1,83 @@
+"""The generate loop: prefill once, then one token per step from a preallocated KV cache.
+
+Batched rows are left-padded; each row's positions start at its first real token, so a row's
+greedy answer is the same alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..model.qwen2_audio import Qwen2AudioModel
+from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int | None]  # the new token of each row, None for rows already finished
+    finished: list[bool]
+
+
+@torch.inference_mode()
+def generate_steps(model: Qwen2AudioModel, inputs: dict, params: SamplingParams,
+                   stop_ids: set[int]) -> Iterator[StepOutput]:
+    """Yield every step's new tokens for a batch made by the processor. Stop ids end a row (not yielded)."""
+    device = model.device
+    input_ids = inputs["input_ids"].to(device)
+    key_mask = inputs.get("attention_mask", torch.ones_like(input_ids)).to(device).bool()
+    B, T = input_ids.shape
+    max_len = T + params.max_new_tokens
+    limit = model.config.text_config.max_position_embeddings
+    if int(key_mask.sum(-1).max()) + params.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {int(key_mask.sum(-1).max())} tokens + max_new_tokens={params.max_new_tokens} "
+            f"exceeds the model's {limit} positions"
+        )
+
+    audio = None
+    if inputs.get("input_features") is not None:
+        audio = model.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
+    embeds = model.embed(input_ids, audio)
+
+    cache = model.new_cache(B, max_len)
+    full_mask = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+    full_mask[:, :T] = key_mask
+    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    generator = None
+    if params.seed is not None and not params.greedy:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        vocab = model.config.text_config.vocab_size
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.masked_fill(~key_mask, 0), key_mask)
+
+    stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model.decode(embeds, full_mask, cache, offset=0, positions=positions, last_only=True)[:, -1]
+    next_pos = positions[:, -1:] + 1
+    for step in range(params.max_new_tokens):
+        logits = logits.float()
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        tokens = choose_tokens(logits, params, generator)
+        is_stop = torch.isin(tokens, stop)
+        newly_done = done | is_stop
+        host_tokens, host_done, host_prev = tokens.tolist(), newly_done.tolist(), done.tolist()
+        yield StepOutput(
+            tokens=[None if (host_prev[i] or host_done[i]) else t for i, t in enumerate(host_tokens)],
+            finished=host_done,
+        )
+        done = newly_done
+        if all(host_done) or step == params.max_new_tokens - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        offset = T + step
+        full_mask[:, offset] = ~done  # finished rows stop contributing keys
+        step_embeds = model.embed(tokens[:, None])
+        logits = model.decode(step_embeds, full_mask, cache, offset=offset, positions=next_pos, last_only=True)[:, -1]
+        next_pos = next_pos + 1

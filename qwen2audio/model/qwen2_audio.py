@@ -1,0 +1,139 @@
+"""Qwen2-Audio: audio tower -> projector -> audio embeddings placed at the <|AUDIO|> tokens -> Qwen2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Qwen2AudioConfig
+from .encoder import AudioEncoder
+from .qwen2 import KVCache, Qwen2ForCausalLM
+
+
+class AudioTokenMismatch(ValueError):
+    """The prompt's <|AUDIO|> placeholders and the encoded audio disagree in count."""
+
+
+class MultiModalProjector(nn.Module):
+    def __init__(self, cfg: Qwen2AudioConfig):
+        super().__init__()
+        self.linear = nn.Linear(cfg.audio_config.d_model, cfg.text_config.hidden_size, bias=True)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+
+
+def attention_mask_4d(key_mask: torch.Tensor, q_len: int, offset: int) -> torch.Tensor:
+    """Causal + padding mask (B, 1, q_len, offset+q_len), True = may attend.
+
+    key_mask (B, >=offset+q_len) marks real tokens. Each query also sees itself, so that a padding
+    row never has every key masked (SDPA would give NaN, and NaN K/V would leak through 0 weights).
+    """
+    s = offset + q_len
+    q_pos = torch.arange(offset, s, device=key_mask.device)[:, None]
+    k_pos = torch.arange(s, device=key_mask.device)[None, :]
+    causal = k_pos <= q_pos  # (q_len, s)
+    mask = causal[None] & key_mask[:, None, :s].bool()
+    mask |= (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+def positions_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
+    return (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Qwen2AudioModel(nn.Module):
+    """Same parameter names as transformers' Qwen2AudioForConditionalGeneration (released layout)."""
+
+    def __init__(self, cfg: Qwen2AudioConfig):
+        super().__init__()
+        self.config = cfg
+        self.audio_tower = AudioEncoder(cfg.audio_config)
+        self.multi_modal_projector = MultiModalProjector(cfg)
+        self.language_model = Qwen2ForCausalLM(cfg.text_config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.multi_modal_projector.linear.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.multi_modal_projector.linear.weight.dtype
+
+    # ---- pieces the engine composes ------------------------------------------------------------
+    def encode_audio(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """(A, n_mels, T) features + (A, T) frame mask -> per-audio embeddings [(N_a, hidden)]."""
+        frames = feature_attention_mask.sum(-1).to(self.device)
+        states, lengths = self.audio_tower(input_features.to(self.device), frames)
+        embeds = self.multi_modal_projector(states)
+        return [embeds[i, : int(n)] for i, n in enumerate(lengths.tolist())]
+
+    def embed(self, input_ids: torch.Tensor, audio_embeds: list[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with audio embeddings written, in order, over the <|AUDIO|> positions."""
+        embeds = self.language_model.model.embed_tokens(input_ids.to(self.device))
+        is_audio = input_ids.to(self.device) == self.config.audio_token_index
+        n_slots = int(is_audio.sum())
+        if audio_embeds is None or len(audio_embeds) == 0:
+            if n_slots:
+                raise AudioTokenMismatch(f"the prompt has {n_slots} <|AUDIO|> tokens but no audio was given")
+            return embeds
+        flat = torch.cat(list(audio_embeds)) if isinstance(audio_embeds, (list, tuple)) else audio_embeds
+        if flat.shape[0] != n_slots:
+            raise AudioTokenMismatch(
+                f"audio features and audio tokens do not match: {n_slots} <|AUDIO|> tokens in the prompt, "
+                f"{flat.shape[0]} audio embeddings (was the prompt truncated inside an audio block?)"
+            )
+        return embeds.masked_scatter(is_audio[..., None], flat.to(embeds.dtype))
+
+    def decode(self, embeds, key_mask, cache: KVCache | None = None, offset: int = 0, positions=None,
+               last_only: bool = False) -> torch.Tensor:
+        """Run the LLM over embeds (B, T, D) given key_mask (B, >=offset+T); returns logits."""
+        T = embeds.shape[1]
+        if positions is None:
+            positions = positions_from_mask(key_mask[:, : offset + T])[:, offset:]
+        hidden = self.language_model.model(embeds, positions, attention_mask_4d(key_mask, T, offset), cache, offset)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.language_model.lm_head(hidden)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.allocate(self.config.text_config, batch, max_len, self.dtype, self.device)
+
+    # ---- the Hugging Face-compatible forward ----------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None,
+                position_ids=None, **unused) -> ModelOutput:
+        """Logits for every position. Like the reference, positions default to 0..T-1 on every row
+        (pass `position_ids` for left-padded batches; the engine always does)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=self.device).expand(input_ids.shape[0], -1)
+        audio = None
+        if input_features is not None:
+            if feature_attention_mask is None:
+                raise ValueError("input_features given without feature_attention_mask")
+            audio = self.encode_audio(input_features, feature_attention_mask)
+        embeds = self.embed(input_ids, audio)
+        return ModelOutput(logits=self.decode(embeds, attention_mask.to(self.device), positions=position_ids.to(self.device)))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None,
+                        progress: bool = False) -> "Qwen2AudioModel":
+        from ..weights import load_model
+
+        return load_model(path, device=device, dtype=dtype, progress=progress)
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30):
+        from ..weights import save_model
+
+        save_model(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)

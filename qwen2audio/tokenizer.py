@@ -1,0 +1,176 @@
+"""Qwen2 byte-level BPE through the `tokenizers` library, plus the special tokens Qwen2-Audio uses.
+
+Special-token ids are looked up by name in the loaded vocabulary, never assumed, so a model trained
+with a different (e.g. small) vocabulary works the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+AUDIO = "<|AUDIO|>"
+AUDIO_BOS = "<|audio_bos|>"
+AUDIO_EOS = "<|audio_eos|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, AUDIO, AUDIO_BOS, AUDIO_EOS)
+
+# Qwen2's pre-tokenizer: contractions, letters, single digits, punctuation runs, newlines, spaces.
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot be loaded or lacks a token Qwen2-Audio needs."""
+
+
+def _qwen2_pipeline(bpe: models.BPE) -> HFTokenizer:
+    tok = HFTokenizer(bpe)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class Tokenizer:
+    """Thin wrapper over a `tokenizers.Tokenizer` that knows Qwen2-Audio's special tokens."""
+
+    def __init__(self, backend: HFTokenizer, config: dict | None = None):
+        self.backend = backend
+        self.config = dict(config or {})
+        self.ids = {name: self._require(name) for name in SPECIAL_TOKENS}
+        self.endoftext_id = self.ids[ENDOFTEXT]
+        self.im_start_id = self.ids[IM_START]
+        self.im_end_id = self.ids[IM_END]
+        self.audio_id = self.ids[AUDIO]
+        self.audio_bos_id = self.ids[AUDIO_BOS]
+        self.audio_eos_id = self.ids[AUDIO_EOS]
+        pad = self.config.get("pad_token") or ENDOFTEXT
+        self.pad_id = self._require(pad if isinstance(pad, str) else pad["content"])
+
+    def _require(self, token: str) -> int:
+        tid = self.backend.token_to_id(token)
+        if tid is None:
+            raise TokenizerError(f"the tokenizer has no {token!r} token, which Qwen2-Audio needs")
+        return tid
+
+    # ---- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "Tokenizer":
+        directory = Path(directory)
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        if (directory / "tokenizer.json").exists():
+            backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        elif (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+            backend = cls._from_vocab_merges(directory, config)
+        else:
+            raise TokenizerError(f"{directory}: no tokenizer.json, nor vocab.json + merges.txt")
+        return cls(backend, config)
+
+    @staticmethod
+    def _from_vocab_merges(directory: Path, config: dict) -> HFTokenizer:
+        vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+        merges = []
+        for line in (directory / "merges.txt").read_text(encoding="utf-8").splitlines():
+            if line and not line.startswith("#version"):
+                left, right = line.split(" ")
+                merges.append((left, right))
+        added = {int(i): t["content"] for i, t in config.get("added_tokens_decoder", {}).items()}
+        for name in SPECIAL_TOKENS:  # released checkpoints list them in added_tokens_decoder
+            if name not in added.values() and name not in vocab:
+                added[len(vocab) + len(added)] = name
+        # Putting specials in the vocab first pins their ids; add_special_tokens then reuses them.
+        vocab.update({content: tid for tid, content in added.items()})
+        backend = _qwen2_pipeline(
+            models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, continuing_subword_prefix="", end_of_word_suffix="")
+        )
+        backend.add_special_tokens([AddedToken(added[i], special=True, normalized=False) for i in sorted(added)])
+        return backend
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        added = {
+            str(tid): {"content": tok.content, "special": True, "lstrip": False, "rstrip": False,
+                       "normalized": False, "single_word": False}
+            for tid, tok in sorted(self.backend.get_added_tokens_decoder().items())
+        }
+        config = {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "bos_token": None,
+            "eos_token": ENDOFTEXT,
+            "pad_token": ENDOFTEXT,
+            "unk_token": None,
+            "errors": "replace",
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 32768,
+            **{k: v for k, v in self.config.items() if k not in ("added_tokens_decoder",)},
+            "added_tokens_decoder": added,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """Train a small Qwen2-style byte-level BPE that keeps the Qwen special tokens (tests, small models)."""
+        backend = _qwen2_pipeline(models.BPE(fuse_unk=False, byte_fallback=False))
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        return cls(backend)
+
+    # ---- use ----------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Turns generated ids into text pieces as they arrive, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece

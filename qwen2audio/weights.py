@@ -1,0 +1,177 @@
+"""Checkpoint directories in the Hugging Face layout: safetensors only (never pickle), sharded and
+memory-mapped on load; both key layouts that transformers has written are accepted."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, Qwen2AudioConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Newer transformers save Qwen2-Audio as model.{audio_tower,multi_modal_projector,language_model}.* and a
+# top-level lm_head; the released checkpoints (and what we write) use the older names below.
+_KEY_RENAMES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.audio_tower.", "audio_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or in the wrong format."""
+
+
+def canonical_key(key: str) -> str:
+    for new, old in _KEY_RENAMES:
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def shard_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_FILE
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (directory / n).exists()]
+        if missing:
+            raise CheckpointError(f"{directory}: shards listed in {INDEX_FILE} are missing: {', '.join(missing)}")
+        return [directory / n for n in names]
+    if (directory / SINGLE_FILE).exists():
+        return [directory / SINGLE_FILE]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(
+            f"{directory}: only pickle weights (*.bin/*.pt) found; qwen2audio loads safetensors only "
+            "(convert them once with a trusted tool, e.g. transformers' save_pretrained(safe_serialization=True))"
+        )
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def check_directory(path: str | Path) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: expected a checkpoint directory, got a file")
+    return directory
+
+
+def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: bool = False):
+    """Build the model on the meta device, then assign memory-mapped tensors (no double allocation)."""
+    from .model import Qwen2AudioModel
+
+    directory = check_directory(path)
+    cfg = Qwen2AudioConfig.from_file(directory)
+    files = shard_files(directory)
+    with torch.device("meta"):
+        model = Qwen2AudioModel(cfg)
+    expected = {k for k in model.state_dict()}
+    tied = cfg.text_config.tie_word_embeddings
+    state: dict[str, torch.Tensor] = {}
+    bar = _progress(files, progress, directory.name)
+    for file in bar:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = canonical_key(key)
+                if tied and name == "language_model.lm_head.weight":
+                    continue  # some writers store the tied copy too
+                tensor = f.get_tensor(key)
+                target = dtype or (tensor.dtype if tensor.is_floating_point() else None)
+                state[name] = tensor.to(device=device, dtype=target) if target else tensor.to(device)
+    if tied:
+        expected.discard("language_model.lm_head.weight")
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory}: weights do not match the config"
+            + (f"; missing {len(missing)}: {_short(missing)}" if missing else "")
+            + (f"; unexpected {len(unexpected)}: {_short(unexpected)}" if unexpected else "")
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(model.get_parameter(name).shape):
+            raise CheckpointError(
+                f"{directory}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(model.get_parameter(name).shape)}"
+            )
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    # Non-persistent buffers (RoPE tables) were created on meta: rebuild them for real.
+    lm = model.language_model.model
+    from .model.qwen2 import rope_tables
+
+    cos, sin = rope_tables(cfg.text_config.head_dim, cfg.text_config.max_position_embeddings, cfg.text_config.rope_theta)
+    lm.rope_cos, lm.rope_sin = cos.to(device), sin.to(device)
+    model.eval()
+    return model
+
+
+def save_model(model, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json + safetensors shards (+ index) atomically enough: each file via a temp name."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save(directory)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if model.config.text_config.tie_word_embeddings and name == "language_model.lm_head.weight":
+            continue
+        t = tensor.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[name] = t.contiguous().cpu()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _atomic_save(shards[0], directory / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, directory / name)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _short(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
+def _progress(files, enabled: bool, label: str):
+    if not enabled or len(files) < 1:
+        return files
+    from tqdm import tqdm
+
+    return tqdm(files, desc=f"loading {label}", unit="shard", leave=False)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "canonical_key", "shard_files"]
