@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, Qwen2AudioConfig
 
+LM_HEAD = "language_model.lm_head.weight"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -75,20 +76,21 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: b
     with torch.device("meta"):
         model = Qwen2AudioModel(cfg)
     expected = {k for k in model.state_dict()}
-    tied = cfg.text_config.tie_word_embeddings
+    # transformers 4.x tied on text_config's flag, 5.x on the top-level one (and in practice never for
+    # Qwen2-Audio, storing lm_head anyway). So: a stored lm_head always wins; tie only when it is absent.
+    tie_flag = cfg.text_config.tie_word_embeddings or bool(cfg.extra.get("tie_word_embeddings"))
     state: dict[str, torch.Tensor] = {}
     bar = _progress(files, progress, directory.name)
     for file in bar:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = canonical_key(key)
-                if tied and name == "language_model.lm_head.weight":
-                    continue  # some writers store the tied copy too
                 tensor = f.get_tensor(key)
                 target = dtype or (tensor.dtype if tensor.is_floating_point() else None)
                 state[name] = tensor.to(device=device, dtype=target) if target else tensor.to(device)
+    tied = tie_flag and LM_HEAD not in state
     if tied:
-        expected.discard("language_model.lm_head.weight")
+        expected.discard(LM_HEAD)
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         raise CheckpointError(
@@ -120,10 +122,9 @@ def save_model(model, path, dtype: torch.dtype | None = None, max_shard_bytes: i
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory)
     state = {}
-    for name, tensor in model.state_dict().items():
-        if model.config.text_config.tie_word_embeddings and name == "language_model.lm_head.weight":
-            continue
-        t = tensor.detach()
+    # lm_head is always written (a copy when tied): every transformers version then reads it right.
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        t = tensor.detach().clone() if name == LM_HEAD else tensor.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[name] = t.contiguous().cpu()

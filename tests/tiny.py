@@ -55,6 +55,8 @@ def build_reference_model(variant: str = "base", seed: int = 0, weight_std: floa
                 p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, weight_std)
+        if text.get("tie_word_embeddings"):  # transformers 5.x never ties Qwen2-Audio itself: make them equal
+            model.lm_head.weight.copy_(model.model.language_model.embed_tokens.weight)
     return model, tok
 
 

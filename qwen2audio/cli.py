@@ -1,0 +1,358 @@
+"""The ``qwen2audio`` command: ``ask``, ``chat`` and ``transcribe`` from a terminal.
+
+User errors (unreadable audio, a bad checkpoint, invalid options) are printed as one line
+``qwen2audio: error: <message>`` on stderr with exit status 2; Ctrl-C exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+import time
+
+PROG = "qwen2audio"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+CHAT_HELP = """\
+commands inside the chat (one per line):
+  /audio PATH   attach an audio file to your next message (repeatable)
+  /reset        forget the conversation (and any attached audio)
+  /help         show these commands
+  /exit         quit (end of input quits too)
+an empty line sends the attached audio without text (voice chat); otherwise it is ignored"""
+
+
+class UserError(Exception):
+    """An error caused by the command's input, reported without a traceback."""
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---- argument parsing --------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every subcommand: model loading, then sampling."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", metavar="DIR", default=None,
+                       help="checkpoint directory in the Hugging Face layout (config.json, safetensors weights, "
+                            "tokenizer files); default: the model bundled with the package")
+    model.add_argument("--device", default="auto", metavar="DEVICE",
+                       help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weight and compute dtype; auto is float32 on cpu and the checkpoint's stored dtype "
+                            "on cuda (default: auto)")
+    model.add_argument("--truncate", action="store_true",
+                       help="cut every audio at 30 s like the reference implementation (default: longer audio "
+                            "is split into several consecutive 30 s windows)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+                          help="stop after N generated tokens (default: 256)")
+    sampling.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                          help="sampling temperature; 0 picks the most likely token (greedy) (default: 0)")
+    sampling.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                          help="nucleus sampling: sample from the smallest set of most likely tokens whose "
+                               "probabilities add up to P; 1 disables it; only with --temperature > 0 (default: 1)")
+    sampling.add_argument("--top-k", type=int, default=0, metavar="K",
+                          help="sample from the K most likely tokens only; 0 disables it; only with --temperature > 0 "
+                               "(default: 0)")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                          help="divide positive / multiply negative logits of tokens already in the prompt or "
+                               "answer by R; 1 disables it (default: 1)")
+    sampling.add_argument("--seed", type=int, default=None, metavar="N",
+                          help="random seed for sampling, for reproducible answers (used only with "
+                               "--temperature > 0)")
+    sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                          help="end the answer where TEXT appears; TEXT itself is not printed (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Qwen2-Audio from the command line: ask about audio files, chat, transcribe speech.",
+        epilog="Run 'qwen2audio COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ask = sub.add_parser(
+        "ask", help="ask one question about audio files (or text only)",
+        description="Ask one question and print the answer. With audio files only, the audio is the whole "
+                    "user message (voice chat: the model answers what is said). With --prompt, the audio "
+                    "files come first and the prompt text after them (audio analysis). With --prompt and no "
+                    "audio, the question is text only.",
+    )
+    ask.add_argument("audio", nargs="*", metavar="AUDIO",
+                     help="audio files (wav, flac, mp3, ogg, m4a, ...), in the order the model sees them")
+    ask.add_argument("--prompt", "-p", metavar="TEXT", default=None,
+                     help="the question or instruction, placed after the audio")
+    ask.add_argument("--system", metavar="TEXT", default=None,
+                     help="system message (default: the chat template's 'You are a helpful assistant.'); "
+                          "not used with --raw")
+    ask.add_argument("--stream", action="store_true", help="print the answer's text as it is generated")
+    ask.add_argument("--raw", action="store_true",
+                     help="use the base model's raw prompt (one <|audio_bos|><|AUDIO|><|audio_eos|> block per "
+                          "audio, then the prompt text) instead of the chat template, e.g. with --prompt "
+                          "'Generate the caption in English:'")
+
+    chat = sub.add_parser(
+        "chat", help="interactive multi-turn chat (reads lines from stdin)",
+        description=textwrap.fill("Multi-turn chat: each input line is a user message, the answer is printed "
+                                  "as it is generated, and the conversation so far is sent with every turn.", 78),
+        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument("--audio", action="append", default=None, metavar="FILE",
+                      help="attach an audio file to the first message (repeatable)")
+    chat.add_argument("--system", metavar="TEXT", default=None,
+                      help="system message (default: the chat template's 'You are a helpful assistant.')")
+
+    tr = sub.add_parser(
+        "transcribe", help="transcribe speech in audio files",
+        description="Transcribe each audio file with the ASR prompt ('Detect the language and recognize the "
+                    "speech:' in the base model's raw format) and print one line per file, prefixed with "
+                    "'FILE: ' when several files are given. Tags such as <|en|> are removed from the "
+                    "transcript and line breaks inside it become spaces.",
+    )
+    tr.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files to transcribe")
+    tr.add_argument("--language", metavar="LANG", default=None,
+                    help="language code of the speech (e.g. en, zh): the tag <|LANG|> is appended to the ASR "
+                         "prompt so the model does not have to detect the language")
+    tr.add_argument("--chat", action="store_true",
+                    help="ask through the chat template ('Transcribe the speech.') instead of the raw ASR "
+                         "prompt; --language is then ignored")
+    for command in (ask, chat, tr):
+        add_common_options(command)
+    return parser
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text
+
+
+def _report(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def _sampling(args):
+    from .engine import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop or []),
+    )
+
+
+def _device(name: str) -> str | None:
+    if name == "auto":
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"invalid --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported --device {name!r}; use auto, cpu, cuda or cuda:N")
+    return name
+
+
+def _decode_audio(path: str):
+    """Decode a file up front (fast failure, with the file name in the message) to 16 kHz mono."""
+    from .audio import load_audio
+
+    return load_audio(path)
+
+
+def _load(args):
+    from . import api
+
+    device = _device(args.device)
+    where = args.model if args.model is not None else (api.bundled_model_dir() or "the bundled model")
+    print(f"Loading model from {where} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    pipe = api.load(args.model, device=device, dtype=args.dtype, progress=True, truncate=args.truncate)
+    print(f"Model loaded in {time.perf_counter() - start:.1f} s.", file=sys.stderr, flush=True)
+    return pipe
+
+
+def _audio_parts(clips) -> list[dict]:
+    return [{"type": "audio", "audio": clip} for clip in clips]
+
+
+def _emit(pieces) -> str:
+    """Print streamed pieces as they come; return the whole text."""
+    out = []
+    for piece in pieces:
+        out.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(out)
+
+
+# ---- subcommands -------------------------------------------------------------------------------
+def ask_messages(clips, prompt: str | None, system: str | None = None) -> list[dict]:
+    """The single user turn `ask` sends: audio parts then the prompt (voice chat when no prompt)."""
+    if clips:
+        content = _audio_parts(clips) + ([{"type": "text", "text": prompt}] if prompt is not None else [])
+    else:
+        content = prompt
+    messages = [{"role": "user", "content": content}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def cmd_ask(args) -> int:
+    if not args.audio and args.prompt is None:
+        raise UserError("ask needs audio files, --prompt TEXT, or both")
+    sampling = _sampling(args)
+    clips = [_decode_audio(p) for p in args.audio]
+    pipe = _load(args)
+    if args.raw:
+        from .chat import raw_prompt
+
+        prompts = [raw_prompt(args.prompt or "", len(clips))]
+        print(pipe.complete(prompts, clips or None, sampling)[0], flush=True)
+        return 0
+    messages = ask_messages(clips, args.prompt, args.system)
+    if args.stream:
+        _emit(pipe.stream(messages, sampling))
+    else:
+        print(pipe.chat(messages, sampling), flush=True)
+    return 0
+
+
+def one_line(text: str) -> str:
+    """A transcript on one output line: its line breaks become spaces."""
+    return " ".join(text.splitlines())
+
+
+def cmd_transcribe(args) -> int:
+    sampling = _sampling(args)
+    clips = [_decode_audio(p) for p in args.audio]
+    pipe = _load(args)
+    for path, clip in zip(args.audio, clips):
+        text = one_line(pipe.transcribe(clip, language=args.language, chat=args.chat, sampling=sampling))
+        print(f"{path}: {text}" if len(args.audio) > 1 else text, flush=True)
+    return 0
+
+
+def _input_lines():
+    """User lines: with a terminal, prompt with input() (line editing); otherwise read stdin as is."""
+    if sys.stdin.isatty():
+        while True:
+            try:
+                yield input(">>> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+    else:
+        for line in sys.stdin:
+            yield line.rstrip("\r\n")
+
+
+def cmd_chat(args) -> int:
+    sampling = _sampling(args)
+    pending = [(p, _decode_audio(p)) for p in args.audio or []]
+    pipe = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history: list[dict] = []
+    if sys.stdin.isatty():
+        print("Type a message; /help lists the commands.", file=sys.stderr, flush=True)
+    for line in _input_lines():
+        text = line.strip()
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            rest = rest.strip()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                history, pending = [], []
+                print("(conversation cleared)", file=sys.stderr, flush=True)
+            elif command == "/help":
+                print(CHAT_HELP, file=sys.stderr, flush=True)
+            elif command == "/audio":
+                path = rest.strip("\"'")
+                if not path:
+                    _report("/audio needs a file path")
+                    continue
+                try:
+                    pending.append((path, _decode_audio(path)))
+                except ValueError as e:
+                    _report(_one_line(e))
+                    continue
+                print(f"(attached {path})", file=sys.stderr, flush=True)
+            else:
+                _report(f"unknown command {command}; /help lists the commands")
+            continue
+        if not text and not pending:
+            continue
+        content = _audio_parts([clip for _, clip in pending])
+        if text:
+            content.append({"type": "text", "text": text})
+        turn = {"role": "user", "content": content}
+        try:
+            answer = _emit(pipe.stream(system + history + [turn], sampling))
+        except ValueError as e:  # e.g. the conversation no longer fits the model: drop this turn
+            sys.stdout.write("\n")
+            _report(_one_line(e))
+            continue
+        history += [turn, {"role": "assistant", "content": answer}]
+        pending = []
+    return 0
+
+
+COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "transcribe": cmd_transcribe}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        try:
+            sys.stdout.flush()
+        except Exception:
+            pass
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, without a second error at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except (UserError, ValueError, OSError) as e:
+        # ValueError covers AudioError, CheckpointError, ConfigError, TokenizerError, MessageError,
+        # invalid sampling options and prompts too long for the model.
+        _report(_one_line(e))
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
