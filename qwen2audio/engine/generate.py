@@ -78,6 +78,6 @@ def generate_steps(model: Qwen2AudioModel, inputs: dict, params: SamplingParams,
             seen.scatter_(1, tokens[:, None], True)
         offset = T + step
         full_mask[:, offset] = ~done  # finished rows stop contributing keys
-        step_embeds = model.embed(tokens[:, None])
+        step_embeds = model.language_model.model.embed_tokens(tokens[:, None])  # generated ids are plain text
         logits = model.decode(step_embeds, full_mask, cache, offset=offset, positions=next_pos, last_only=True)[:, -1]
         next_pos = next_pos + 1

@@ -1,0 +1,184 @@
+"""Generation: cached == uncached, batch == one-by-one, sampling controls, stops, streaming, long audio."""
+
+import numpy as np
+import pytest
+import torch
+from tiny import sine
+
+import qwen2audio
+from qwen2audio.chat import raw_prompt
+from qwen2audio.engine import SamplingParams, generate_steps
+from qwen2audio.engine.sampling import apply_repetition_penalty, choose_tokens
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return qwen2audio.load(tiny_checkpoint[0], device="cpu", progress=False)
+
+
+def analysis(audio, text="What's that sound?"):
+    return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": text}]}]
+
+
+def tokens_of(pipe, inputs, n, **kw):
+    steps = generate_steps(pipe.model, inputs, SamplingParams(max_new_tokens=n, **kw), set())
+    return [s.tokens for s in steps]
+
+
+def test_cached_decoding_equals_uncached(pipe):
+    inputs = pipe.processor.prepare_chats([analysis(sine(2.0))])
+    cached = [t[0] for t in tokens_of(pipe, inputs, 24)]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    uncached = []
+    with torch.no_grad():
+        for _ in range(24):  # full forward over the whole sequence every step, no cache
+            logits = pipe.model(input_ids=ids, attention_mask=mask, input_features=inputs["input_features"],
+                                feature_attention_mask=inputs["feature_attention_mask"]).logits
+            nxt = int(logits[0, -1].argmax())
+            uncached.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
+    assert cached == uncached
+
+
+def test_batch_equals_one_by_one(pipe):
+    conversations = [
+        analysis(sine(1.0, 300, seed=1)),
+        analysis(sine(6.0, 800, seed=2), "Describe it in detail, please."),
+        [{"role": "user", "content": "hello world"}],
+        [{"role": "user", "content": [{"type": "audio", "audio": sine(3.0, seed=3)}, {"type": "audio", "audio": sine(0.5, seed=4)}]}],
+    ]
+    together = pipe.chat_batch(conversations, max_new_tokens=20)
+    alone = [pipe.chat(c, max_new_tokens=20) for c in conversations]
+    assert together == alone
+    assert len(set(together)) > 1  # the rows really differ
+
+
+def test_stream_equals_chat(pipe):
+    messages = analysis(sine(2.5, seed=7))
+    pieces = list(pipe.stream(messages, max_new_tokens=30))
+    assert "".join(pieces) == pipe.chat(messages, max_new_tokens=30)
+    assert len(pieces) > 1
+
+
+def test_stop_string_cuts_the_answer(pipe):
+    messages = analysis(sine(2.5, seed=7))
+    full = pipe.chat(messages, max_new_tokens=30)
+    stop = full[5:8]
+    assert stop and stop in full
+    cut = pipe.chat(messages, max_new_tokens=30, stop=[stop])
+    assert cut == full[: full.find(stop)]
+    assert "".join(pipe.stream(messages, max_new_tokens=30, stop=[stop])) == cut
+
+
+def test_stop_token_ends_generation(pipe):
+    inputs = pipe.processor.prepare_chats([analysis(sine(2.0))])
+    free = [t[0] for t in tokens_of(pipe, inputs, 12)]
+    stop_at = free[4]
+    steps = list(generate_steps(pipe.model, inputs, SamplingParams(max_new_tokens=12), {stop_at}))
+    assert [s.tokens[0] for s in steps[:-1]] == free[: free.index(stop_at)]
+    assert steps[-1].tokens[0] is None and steps[-1].finished[0]
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(pipe):
+    messages = analysis(sine(2.0))
+    kw = dict(max_new_tokens=20, temperature=1.5, top_p=0.95, top_k=50, seed=123)
+    a, b = pipe.chat(messages, **kw), pipe.chat(messages, **kw)
+    assert a == b
+    others = {pipe.chat(messages, **{**kw, "seed": s}) for s in range(4)}
+    assert len(others) > 1
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(3, 50)
+    params = SamplingParams(temperature=1.0, top_k=1)
+    assert torch.equal(choose_tokens(logits, params, torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    params = SamplingParams(temperature=1.0, top_p=0.8)
+    g = torch.Generator().manual_seed(0)
+    picks = {int(choose_tokens(logits, params, g)) for _ in range(200)}
+    assert picks == {0, 1}
+
+
+def test_repetition_penalty_matches_reference_rule():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(2, 30)
+    ids = torch.tensor([[1, 5, 5, 7], [0, 2, 29, 3]])
+    seen = torch.zeros(2, 30, dtype=torch.bool).scatter(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+
+def test_invalid_sampling_params_are_rejected():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-2), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_75s_clip_gives_three_audio_blocks(pipe):
+    proc = pipe.processor
+    clip = sine(75.0, 500, seed=9)
+    inputs = proc([raw_prompt("Generate the caption in English:")], audio=[clip])
+    tok = proc.tokenizer
+    ids = inputs["input_ids"][0].tolist()
+    assert inputs["input_features"].shape[0] == 3
+    assert ids.count(tok.audio_bos_id) == 3 and ids.count(tok.audio_eos_id) == 3
+    assert ids.count(tok.audio_id) == 750 + 750 + 375  # 30 s + 30 s + 15 s
+    # the reference's behaviour on request: one window, 750 tokens
+    cut = proc([raw_prompt("Generate the caption in English:")], audio=[clip], truncate=True)
+    assert cut["input_features"].shape[0] == 1 and cut["input_ids"][0].tolist().count(tok.audio_id) == 750
+    # and the model consumes all three blocks
+    answer = pipe.chat(analysis(clip), max_new_tokens=4)
+    assert isinstance(answer, str)
+
+
+def test_placeholder_count_mismatch_is_an_error(pipe):
+    with pytest.raises(ValueError, match="2 <\\|AUDIO\\|> placeholder"):
+        pipe.processor([raw_prompt("x", 2)], audio=[sine(1.0)])
+    with pytest.raises(qwen2audio.model.qwen2_audio.AudioTokenMismatch):
+        pipe.model.embed(torch.tensor([[pipe.model.config.audio_token_index] * 3]), [torch.zeros(2, 64)])
+
+
+def test_prompt_longer_than_positions_is_rejected(pipe):
+    inputs = pipe.processor.prepare_chats([analysis(sine(1.0))])
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        list(generate_steps(pipe.model, inputs, SamplingParams(max_new_tokens=5000), set()))
+
+
+def test_audio_parts_in_every_shape(pipe, tmp_path):
+    import base64
+    import io
+
+    import soundfile as sf
+
+    clip = sine(1.5, seed=11)
+    path = tmp_path / "clip.wav"
+    sf.write(path, clip, 16000, subtype="FLOAT")
+    buf = io.BytesIO()
+    sf.write(buf, clip, 16000, format="WAV", subtype="FLOAT")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    parts = [
+        {"type": "audio", "audio": str(path)},
+        {"type": "audio", "audio": path.read_bytes()},
+        {"type": "audio", "audio": clip},
+        {"type": "audio", "audio": (clip, 16000)},
+        {"type": "audio", "audio_url": f"file://{path}"},
+        {"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64}"}},
+        {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
+    ]
+    answers = {pipe.chat([{"role": "user", "content": [p]}], max_new_tokens=6) for p in parts}
+    assert len(answers) == 1
+
+
+def test_remote_urls_are_not_fetched(pipe):
+    with pytest.raises(qwen2audio.chat.MessageError, match="not fetched"):
+        pipe.chat([{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}}]}])
+
+
+def test_bad_audio_names_the_input(pipe):
+    with pytest.raises(qwen2audio.AudioError, match="too short"):
+        pipe.chat(analysis(np.zeros(100, np.float32)))
