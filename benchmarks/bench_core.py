@@ -108,15 +108,24 @@ def save_checkpoint(ref, tok, directory: Path):
 # ---- timing -----------------------------------------------------------------------------------
 def timed(fn, warmup: int, repeats: int) -> tuple[float, object]:
     """Median wall time (s) of `fn()` over `repeats` runs after `warmup` runs, and the last result."""
-    out = None
+    (t,), (out,) = timed_pair([fn], warmup, repeats)
+    return t, out
+
+
+def timed_pair(fns, warmup: int, repeats: int) -> tuple[list[float], list[object]]:
+    """Like `timed` for several functions, interleaved run by run (ours, reference, ours, ...), so that
+    load from other processes on a shared machine hits every side alike. Medians and last results."""
+    outs = [None] * len(fns)
     for _ in range(warmup):
-        out = fn()
-    times = []
+        for i, fn in enumerate(fns):
+            outs[i] = fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times], outs
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
@@ -183,21 +192,27 @@ def ours_generate(model, inputs: dict, new_tokens: int):
     return torch.tensor(tokens).T, t0, stamps, total
 
 
-def decode_rate(generate, batch: int, new_tokens: int, warmup: int, repeats: int):
-    """Median decode-only tokens/s (batch * (N-1) tokens between the first and the last step's logits),
-    the median prefill-to-first-logits time, and the median end-to-end time."""
-    out = None
+def decode_rate(generates, batch: int, new_tokens: int, warmup: int, repeats: int):
+    """For each generate function (run interleaved): median decode-only tokens/s (batch * (N-1) tokens
+    between the first and the last step's logits), median time to the first logits (prefill), median
+    end-to-end time, and the last run's tokens."""
+    results = []
+    runs = [[] for _ in generates]
     for _ in range(warmup):
-        out = generate()
-    rates, firsts, totals = [], [], []
+        for g in generates:
+            g()
     for _ in range(repeats):
-        out = generate()
-        tokens, t0, stamps, total = out
-        assert len(stamps) == new_tokens and tokens.shape == (batch, new_tokens), (len(stamps), tokens.shape)
-        rates.append(batch * (new_tokens - 1) / (stamps[-1] - stamps[0]))
-        firsts.append(stamps[0] - t0)
-        totals.append(total)
-    return statistics.median(rates), statistics.median(firsts), statistics.median(totals), out[0]
+        for i, g in enumerate(generates):
+            runs[i].append(g())
+    for rs in runs:
+        rates, firsts, totals = [], [], []
+        for tokens, t0, stamps, total in rs:
+            assert len(stamps) == new_tokens and tokens.shape == (batch, new_tokens), (len(stamps), tokens.shape)
+            rates.append(batch * (new_tokens - 1) / (stamps[-1] - stamps[0]))
+            firsts.append(stamps[0] - t0)
+            totals.append(total)
+        results.append((statistics.median(rates), statistics.median(firsts), statistics.median(totals), rs[-1][0]))
+    return results
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -252,9 +267,10 @@ def main() -> None:
         lengths = [5, 7, 9, 11, 13, 15, 18, 20]
         clips = [clip(s, seed=i) for i, s in enumerate(lengths)]
         fe = WhisperFeatureExtractor(feature_size=a.num_mel_bins)
-        t_ours, (f_ours, m_ours) = timed(lambda: log_mel_spectrogram(clips, a.num_mel_bins), warmup, repeats)
-        t_ref, f_ref = timed(lambda: fe(clips, sampling_rate=SR, padding="max_length", return_attention_mask=True,
-                                        return_tensors="pt"), warmup, repeats)
+        (t_ours, t_ref), ((f_ours, m_ours), f_ref) = timed_pair(
+            [lambda: log_mel_spectrogram(clips, a.num_mel_bins),
+             lambda: fe(clips, sampling_rate=SR, padding="max_length", return_attention_mask=True, return_tensors="pt")],
+            warmup, repeats)
         feat_diff = (f_ours - f_ref["input_features"]).abs().max().item()
         assert torch.equal(m_ours, f_ref["attention_mask"].long()), "frame masks differ"
         assert feat_diff < 1e-3, f"features differ by {feat_diff}"
@@ -265,8 +281,8 @@ def main() -> None:
         enc_diffs = {}
         for seconds in (5, 30):
             feats, mask = log_mel_spectrogram([clip(seconds, seed=100 + seconds)], a.num_mel_bins)
-            t_ours, e_ours = timed(lambda: ours.encode_audio(feats, mask), warmup, repeats)
-            t_ref, e_ref = timed(lambda: reference_encode(ref, feats, mask), warmup, repeats)
+            (t_ours, t_ref), (e_ours, e_ref) = timed_pair(
+                [lambda: ours.encode_audio(feats, mask), lambda: reference_encode(ref, feats, mask)], warmup, repeats)
             assert e_ours[0].shape == e_ref[0].shape, (e_ours[0].shape, e_ref[0].shape)
             enc_diffs[seconds] = (e_ours[0] - e_ref[0]).abs().max().item()
             add(f"audio encoder, 1 clip {seconds} s ({e_ours[0].shape[0]} tokens)", t_ours * 1e3, t_ref * 1e3, "ms")
@@ -289,10 +305,11 @@ def main() -> None:
             mask = torch.ones(1, T + 1, dtype=torch.bool)
             return ours.decode(embeds, mask, cache, offset=0, last_only=True)[:, -1]
 
-        t_ours, tok_ours = timed(ours_prefill, warmup, repeats)
-        t_ref, out_ref = timed(lambda: ref(**inputs, use_cache=True).logits[:, -1], warmup, repeats)
-        t_ref_last, _ = timed(lambda: ref.lm_head(ref.model(**inputs, use_cache=True).last_hidden_state[:, -1:]),
-                              warmup, repeats)
+        (t_ours, t_ref, t_ref_last), (tok_ours, out_ref, _) = timed_pair(
+            [ours_prefill,
+             lambda: ref(**inputs, use_cache=True).logits[:, -1],
+             lambda: ref.lm_head(ref.model(**inputs, use_cache=True).last_hidden_state[:, -1:])],
+            warmup, repeats)
         logit_diff = (ours_prefill_logits() - out_ref).abs().max().item()
         assert tok_ours == int(out_ref.argmax(-1)), "prefill next token differs"
         print(f"  prompt {T} tokens; max |logit diff| {logit_diff:.2e}")
@@ -307,10 +324,9 @@ def main() -> None:
             questions = ["Describe the sound.", "What's that sound?", "Transcribe the speech.", "Who is speaking?"]
             convs = [chat(clip(s, seed=20 + i), questions[i % len(questions)]) for i, s in enumerate(seconds)]
             binputs = processor.prepare_chats(convs)
-            ours_rate, ours_first, ours_total, ours_tokens = decode_rate(
-                lambda: ours_generate(ours, binputs, N), batch, N, warmup, repeats)
-            ref_rate, ref_first, ref_total, ref_tokens = decode_rate(
-                lambda: reference_generate(ref, dict(binputs), N, tok.pad_id), batch, N, warmup, repeats)
+            (ours_rate, ours_first, ours_total, ours_tokens), (ref_rate, ref_first, ref_total, ref_tokens) = \
+                decode_rate([lambda: ours_generate(ours, binputs, N),
+                             lambda: reference_generate(ref, dict(binputs), N, tok.pad_id)], batch, N, warmup, repeats)
             if batch == 1:
                 assert torch.equal(ours_tokens, ref_tokens.cpu()), \
                     f"greedy tokens differ:\nours {ours_tokens.tolist()}\nref  {ref_tokens.tolist()}"

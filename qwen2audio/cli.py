@@ -154,10 +154,16 @@ def _report(message: str) -> None:
 def _sampling(args):
     from .engine import SamplingParams
 
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop or []),
-    )
+    try:
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop or []),
+        )
+    except ValueError as e:  # name the command-line flag, not the Python field
+        message = str(e)
+        for field in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+            message = message.replace(field, "--" + field.replace("_", "-"))
+        raise UserError(message) from None
 
 
 def _device(name: str) -> str | None:

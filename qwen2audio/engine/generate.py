@@ -66,10 +66,10 @@ def generate_steps(model: Qwen2AudioModel, inputs: dict, params: SamplingParams,
         tokens = choose_tokens(logits, params, generator)
         is_stop = torch.isin(tokens, stop)
         newly_done = done | is_stop
-        host_tokens, host_done, host_prev = tokens.tolist(), newly_done.tolist(), done.tolist()
+        host_tokens, host_done, host_prev = torch.stack([tokens, newly_done.long(), done.long()]).tolist()  # one sync
         yield StepOutput(
             tokens=[None if (host_prev[i] or host_done[i]) else t for i, t in enumerate(host_tokens)],
-            finished=host_done,
+            finished=[bool(d) for d in host_done],
         )
         done = newly_done
         if all(host_done) or step == params.max_new_tokens - 1:

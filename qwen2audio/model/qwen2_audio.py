@@ -117,6 +117,9 @@ class Qwen2AudioModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=self.device).expand(input_ids.shape[0], -1)
+        limit = self.config.text_config.max_position_embeddings
+        if int(position_ids.max()) >= limit:
+            raise ValueError(f"sequence of {int(position_ids.max()) + 1} positions exceeds max_position_embeddings={limit}")
         audio = None
         if input_features is not None:
             if feature_attention_mask is None:

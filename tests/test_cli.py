@@ -1,0 +1,248 @@
+"""The `qwen2audio` command, run as a real subprocess (`python -m qwen2audio`) on a tiny random checkpoint.
+
+Every subprocess imports torch (a few seconds), so all of them are started together by one fixture
+(a small thread pool) and each test waits for the runs it checks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from tiny import sine
+
+import qwen2audio
+from qwen2audio import cli
+
+N = 12  # max new tokens: enough text to compare, quick on CPU
+QUESTION = "What's that sound?"
+
+
+@pytest.fixture(scope="module")
+def files(tiny_checkpoint, tmp_path_factory):
+    """Audio files (good and bad) and checkpoint directories (good and bad)."""
+    root = tmp_path_factory.mktemp("cli")
+    directory = tiny_checkpoint[0]
+    f = {"model": directory, "root": root}
+    f["a"], f["b"] = root / "a.wav", root / "b.flac"
+    sf.write(f["a"], sine(1.0, 440, seed=1), 16000)
+    sf.write(f["b"], sine(0.7, 880, seed=2), 16000)
+    f["corrupt"] = root / "corrupt.wav"
+    f["corrupt"].write_bytes(np.random.default_rng(0).bytes(4000))
+    f["short"] = root / "short.wav"
+    sf.write(f["short"], sine(100 / 16000), 16000)  # 100 samples
+    f["missing"] = root / "missing.wav"
+    f["no_model"] = root / "no_such_model"
+    f["no_weights"] = root / "no_weights"
+    f["no_weights"].mkdir()
+    for p in directory.iterdir():  # everything but the safetensors weights
+        if not p.name.endswith(".safetensors"):
+            shutil.copy(p, f["no_weights"] / p.name)
+    return f
+
+
+def _commands(f) -> dict[str, tuple[list[str], str | None]]:
+    m = ["--model", str(f["model"]), "--device", "cpu", "--max-new-tokens", str(N)]
+    a, b = str(f["a"]), str(f["b"])
+    chat_input = f"/audio {a}\n{QUESTION}\n/audio {f['missing']}\n/audio {b}\nAnd this one?\n/exit\nnever sent\n"
+    return {
+        "voice": (["ask", a, *m], None),
+        "analysis": (["ask", a, b, "--prompt", QUESTION, *m], None),
+        "analysis_stream": (["ask", a, b, "--prompt", QUESTION, "--stream", *m], None),
+        "raw": (["ask", a, "--raw", "--prompt", "Generate the caption in English:", *m], None),
+        "transcribe": (["transcribe", a, b, "--language", "en", *m], None),
+        "chat": (["chat", *m], chat_input),
+        "version": (["--version"], None),
+        "err_missing": (["ask", str(f["missing"]), *m], None),
+        "err_corrupt": (["ask", str(f["corrupt"]), "--prompt", QUESTION, *m], None),
+        "err_short": (["transcribe", str(f["short"]), *m], None),
+        "err_no_model": (["ask", a, "--model", str(f["no_model"])], None),
+        "err_no_weights": (["transcribe", a, "--model", str(f["no_weights"])], None),
+        "err_temperature": (["ask", a, *m, "--temperature", "-0.5"], None),
+    }
+
+
+def _run(args: list[str], stdin: str | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "qwen2audio", *args], input=None if stdin is None else stdin.encode(),
+                          capture_output=True, env=env, timeout=300)
+    # Bytes decoded by hand: no newline translation, so stdout compares exactly with the API's text.
+    proc.stdout, proc.stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(files):
+    """name -> Future of the CompletedProcess; every command starts at once."""
+    pool = ThreadPoolExecutor(max_workers=int(os.environ.get("W","2")))
+    futures = {name: pool.submit(_run, args, stdin) for name, (args, stdin) in _commands(files).items()}
+    yield futures
+    pool.shutdown(wait=True)
+
+
+def result(runs, name) -> subprocess.CompletedProcess:
+    proc = runs[name].result()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def ok(runs, name) -> str:
+    proc = result(runs, name)
+    assert proc.returncode == 0, proc.stderr
+    assert "error" not in proc.stderr.lower(), proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def pipe(files):
+    return qwen2audio.load(files["model"], device="cpu", progress=False)
+
+
+def user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+def audio(path):
+    return {"type": "audio", "audio": str(path)}
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+# ---- answers equal the Python API --------------------------------------------------------------
+def test_ask_voice_chat_matches_api(runs, pipe, files):
+    expected = pipe.chat(user(audio(files["a"])), max_new_tokens=N)
+    assert expected  # the tiny model does answer something
+    out = ok(runs, "voice")
+    assert out == expected + "\n"
+    # Voice chat and analysis are different prompts, so the answers differ.
+    assert out != pipe.chat(user(audio(files["a"]), text(QUESTION)), max_new_tokens=N) + "\n"
+
+
+def test_ask_analysis_matches_api(runs, pipe, files):
+    expected = pipe.chat(user(audio(files["a"]), audio(files["b"]), text(QUESTION)), max_new_tokens=N)
+    assert ok(runs, "analysis") == expected + "\n"
+
+
+def test_ask_stream_equals_non_stream(runs):
+    assert ok(runs, "analysis_stream") == ok(runs, "analysis")
+
+
+def test_ask_raw_matches_complete(runs, pipe, files):
+    from qwen2audio.chat import raw_prompt
+
+    expected = pipe.complete([raw_prompt("Generate the caption in English:", 1)], [str(files["a"])], max_new_tokens=N)[0]
+    assert ok(runs, "raw") == expected + "\n"
+
+
+def test_ask_text_only(pipe, files, capsys):
+    # In-process (the subprocess path is covered above): --prompt without audio is a text-only question.
+    rc = cli.main(["ask", "--prompt", "hello world", "--model", str(files["model"]), "--device", "cpu",
+                   "--max-new-tokens", str(N)])
+    assert rc == 0
+    assert capsys.readouterr().out == pipe.chat([{"role": "user", "content": "hello world"}], max_new_tokens=N) + "\n"
+
+
+def test_transcribe_one_line_per_file(runs, pipe, files):
+    lines = ok(runs, "transcribe").split("\n")
+    assert lines[-1] == ""  # ends with a newline
+    expected = [f"{files[k]}: " + cli.one_line(pipe.transcribe(str(files[k]), language="en", max_new_tokens=N))
+                for k in ("a", "b")]
+    assert lines[:-1] == expected
+
+
+def test_chat_two_turns_with_audio(runs, pipe, files):
+    proc = result(runs, "chat")
+    assert proc.returncode == 0, proc.stderr
+    # The bad /audio line is one error line; the chat goes on.
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == [f"qwen2audio: error: {files['missing']}: file not found"]
+    turn1 = user(audio(files["a"]), text(QUESTION))
+    answer1 = pipe.chat(turn1, max_new_tokens=N)
+    # The second turn sees the first one (history), and only the audio attached after it.
+    turn2 = [*turn1, {"role": "assistant", "content": answer1}, *user(audio(files["b"]), text("And this one?"))]
+    answer2 = pipe.chat(turn2, max_new_tokens=N)
+    assert answer2 != pipe.chat(user(audio(files["b"]), text("And this one?")), max_new_tokens=N)  # history matters
+    assert proc.stdout == f"{answer1}\n{answer2}\n"  # nothing after /exit
+
+
+# ---- help and version --------------------------------------------------------------------------
+def test_version(runs):
+    assert ok(runs, "version").strip() == f"qwen2audio {qwen2audio.__version__}"
+
+
+COMMON = ["--model", "--device", "--dtype", "--truncate", "--max-new-tokens", "--temperature", "--top-p",
+          "--top-k", "--repetition-penalty", "--seed", "--stop"]
+
+
+@pytest.mark.parametrize("command, specific", [
+    (None, ["ask", "chat", "transcribe", "--version"]),
+    ("ask", ["AUDIO", "--prompt", "--stream", "--raw", "--system"]),
+    ("chat", ["--audio", "--system", "/audio", "/reset", "/exit"]),
+    ("transcribe", ["AUDIO", "--language", "--chat"]),
+])
+def test_help(command, specific, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(([command] if command else []) + ["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in specific + (COMMON if command else []):
+        assert option in out, option
+
+
+# ---- user errors: one line, exit 2, no traceback -----------------------------------------------
+@pytest.mark.parametrize("name, words", [
+    ("err_missing", ["missing.wav", "not found"]),
+    ("err_corrupt", ["corrupt.wav", "cannot decode"]),
+    ("err_short", ["short.wav", "too short"]),
+    ("err_no_model", ["no_such_model"]),
+    ("err_no_weights", ["no_weights", "model.safetensors"]),
+    ("err_temperature", ["--temperature", ">= 0"]),
+])
+def test_user_errors(runs, name, words):
+    proc = result(runs, name)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("qwen2audio: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert all(w in errors[0] for w in words), errors[0]
+    assert "error" not in proc.stderr.replace(errors[0], "")  # no other error output
+
+
+def test_ask_needs_audio_or_prompt(files, capsys):
+    assert cli.main(["ask", "--model", str(files["model"])]) == 2
+    assert capsys.readouterr().err.strip() == "qwen2audio: error: ask needs audio files, --prompt TEXT, or both"
+
+
+def test_prompt_too_long(files, capsys):
+    rc = cli.main(["ask", str(files["a"]), "--model", str(files["model"]), "--device", "cpu",
+                   "--max-new-tokens", "100000"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "qwen2audio: error: prompt of" in err and "exceeds" in err
+
+
+def test_no_bundled_model(files, capsys):
+    if qwen2audio.api.bundled_model_dir() is not None:
+        pytest.skip("a bundled model is installed")
+    assert cli.main(["ask", str(files["a"])]) == 2
+    assert "qwen2audio: error: no model given and no bundled model" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_quietly(files, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwen2audio.api, "load", interrupted)
+    assert cli.main(["ask", str(files["a"]), "--model", str(files["model"])]) == 130
+    captured = capsys.readouterr()
+    assert "error" not in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""
