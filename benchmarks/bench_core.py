@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -126,6 +127,35 @@ def timed_pair(fns, warmup: int, repeats: int) -> tuple[list[float], list[object
             outs[i] = fn()
             times[i].append(time.perf_counter() - t0)
     return [statistics.median(ts) for ts in times], outs
+
+
+class Background:
+    """CPU time that other processes used while we measured, as a share of all CPUs (Linux /proc/stat).
+
+    The benchmark is meant for a quiet machine: with 2 cores, a busy neighbour makes torch's 2-thread
+    parallel regions wait for a descheduled thread, which can slow small ops 10-50x on both sides.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+        mine = sum(os.times()[:2])
+        return busy / os.sysconf("SC_CLK_TCK"), mine, time.perf_counter()
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if end is None or self.start is None:
+            return None
+        (b0, m0, t0), (b1, m1, t1) = self.start, end
+        return max(0.0, ((b1 - b0) - (m1 - m0)) / max(1e-9, (t1 - t0) * (os.cpu_count() or 1)))
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
@@ -254,12 +284,18 @@ def main() -> None:
           f"{n_ref / 1e6:.1f}M params, fp32, CPU")
     print(f"warmup={warmup}, repeats={repeats} (median), new tokens={N}\n")
 
-    rows = []  # (name, ours, reference, unit, ratio)
+    rows = []  # (name, ours, reference, unit, ratio, background share of the CPUs while measuring)
+    whole_run = Background()
+    section = [Background()]
 
-    def add(name, ours_v, ref_v, unit, higher_is_better=False):
+    def add(name, ours_v, ref_v, unit, higher_is_better=False, new_section=True):
         ratio = ours_v / ref_v if higher_is_better else ref_v / ours_v
-        rows.append((name, ours_v, ref_v, unit, ratio))
-        print(f"  {name}: ours {ours_v:.4g} {unit}, reference {ref_v:.4g} {unit}, ratio {ratio:.2f}x", flush=True)
+        bg = section[0].share()
+        rows.append((name, ours_v, ref_v, unit, ratio, bg))
+        print(f"  {name}: ours {ours_v:.4g} {unit}, reference {ref_v:.4g} {unit}, ratio {ratio:.2f}x"
+              + (f" (other processes: {bg:.0%} of the CPUs)" if bg is not None else ""), flush=True)
+        if new_section:  # the next row is measured from here on
+            section[0] = Background()
 
     with torch.inference_mode():
         # 1. feature extraction -------------------------------------------------------------
@@ -313,7 +349,8 @@ def main() -> None:
         logit_diff = (ours_prefill_logits() - out_ref).abs().max().item()
         assert tok_ours == int(out_ref.argmax(-1)), "prefill next token differs"
         print(f"  prompt {T} tokens; max |logit diff| {logit_diff:.2e}")
-        add(f"prefill, {T}-token prompt with 10 s audio (ref: full forward)", t_ours * 1e3, t_ref * 1e3, "ms")
+        add(f"prefill, {T}-token prompt with 10 s audio (ref: full forward)", t_ours * 1e3, t_ref * 1e3, "ms",
+            new_section=False)
         add(f"prefill, {T}-token prompt with 10 s audio (ref: last-position lm_head only)", t_ours * 1e3,
             t_ref_last * 1e3, "ms")
 
@@ -336,7 +373,8 @@ def main() -> None:
                 print(f"  batch {batch}: {same}/{batch} rows with identical greedy tokens (not asserted: left padding)")
             print(f"  batch {batch}: prompt {binputs['input_ids'].shape[1]} tokens (padded); prefill+first token "
                   f"ours {ours_first * 1e3:.0f} ms, reference {ref_first * 1e3:.0f} ms")
-            add(f"decode tokens/s, batch {batch}", ours_rate, ref_rate, "tok/s", higher_is_better=True)
+            add(f"decode tokens/s, batch {batch}", ours_rate, ref_rate, "tok/s", higher_is_better=True,
+                new_section=False)
             add(f"end-to-end generate, batch {batch}, {N} tokens", ours_total * 1e3, ref_total * 1e3, "ms")
 
     tmp.cleanup()
@@ -345,10 +383,10 @@ def main() -> None:
     print("\n## qwen2audio vs transformers reference (CPU, fp32, same weights)\n")
     print(f"threads={torch.get_num_threads()}, median of {repeats} after {warmup} warmup; "
           "ratio = reference time / our time (> 1: we are faster)\n")
-    print("| benchmark | ours | reference | unit | ratio |")
-    print("|---|---:|---:|---|---:|")
-    for name, o, r, unit, ratio in rows:
-        print(f"| {name} | {o:.4g} | {r:.4g} | {unit} | {ratio:.2f}x |")
+    print("| benchmark | ours | reference | unit | ratio | other load |")
+    print("|---|---:|---:|---|---:|---:|")
+    for name, o, r, unit, ratio, bg in rows:
+        print(f"| {name} | {o:.4g} | {r:.4g} | {unit} | {ratio:.2f}x | {'-' if bg is None else f'{bg:.0%}'} |")
     print("""
 What is measured:
 - feature extraction: our batched torch STFT (`log_mel_spectrogram`) vs `WhisperFeatureExtractor` (numpy),
@@ -360,7 +398,14 @@ What is measured:
   as `generate` does its prefill), and, stricter, the same with the lm_head applied to the last position only.
 - decode tokens/s: one generate call per repeat with per-step timestamps (ours: at each `generate_steps`
   yield; reference: a no-op LogitsProcessor); rate = batch * (N - 1) tokens / (time from the first to the
-  last step's logits), so the prefill is excluded. End-to-end = the whole generate call.""")
+  last step's logits), so the prefill is excluded. End-to-end = the whole generate call.
+- other load: CPU time used by other processes while that row was measured, as a share of all CPUs.
+  Above ~5% the numbers of both sides are inflated unpredictably (2-thread parallel regions stall on a
+  descheduled thread); rerun on a quiet machine, or compare with --threads 1.""")
+    bg = whole_run.share()
+    if bg is not None:
+        print(f"\nother processes used {bg:.0%} of the CPUs during the whole run"
+              + (" -- WARNING: not a quiet machine, timings are unreliable" if bg > 0.05 else ""))
     low = [r for r in rows if r[4] < 1.0]
     print(f"\nratios below 1.0: {', '.join(r[0] for r in low) if low else 'none'}; "
           f"encoder 5 s ratio {next(r[4] for r in rows if r[0].startswith('audio encoder, 1 clip 5 s')):.2f}x (target >= 3x)")

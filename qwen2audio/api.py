@@ -44,7 +44,10 @@ def stop_ids_from(directory: Path, processor: Qwen2AudioProcessor) -> set[int]:
     ids = {tok.im_end_id, tok.endoftext_id}
     gen = directory / "generation_config.json"
     if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{gen}: not a valid generation config ({e})") from None
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     return ids
 
@@ -104,6 +107,8 @@ class Pipeline:
                     decoders[i].push(tok)
             if all(d.stopped or f for d, f in zip(decoders, step.finished)):
                 break
+        for d in decoders:
+            d.flush()
         return [d.text for d in decoders]
 
     def _stream(self, inputs, params: SamplingParams) -> Iterator[str]:
@@ -127,34 +132,36 @@ class _Answer:
     def __init__(self, tokenizer, stop: list[str]):
         self.decoder = tokenizer.stream_decoder()
         self.stop = [s for s in stop if s]
-        self.text_all = ""  # decoded so far
+        self.text = ""  # decoded so far, cut at a stop string
         self.sent = 0  # chars already handed out
         self.stopped = False
 
-    def push(self, token_id: int) -> str:
-        self.text_all += self.decoder.push(token_id)
+    def _append(self, piece: str) -> None:
+        self.text += piece
         for s in self.stop:
-            cut = self.text_all.find(s)
+            cut = self.text.find(s)
             if cut != -1:
-                self.text_all, self.stopped = self.text_all[:cut], True
-        safe = len(self.text_all)
+                self.text, self.stopped = self.text[:cut], True
+
+    def push(self, token_id: int) -> str:
+        self._append(self.decoder.push(token_id))
+        safe = len(self.text)
         if not self.stopped:
             # Keep back a tail that is a prefix of some stop string, so it is never streamed out.
             for s in self.stop:
-                for k in range(min(len(s) - 1, len(self.text_all)), 0, -1):
-                    if self.text_all.endswith(s[:k]):
-                        safe = min(safe, len(self.text_all) - k)
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        safe = min(safe, len(self.text) - k)
                         break
-        piece, self.sent = self.text_all[self.sent:safe], max(self.sent, safe)
+        piece, self.sent = self.text[self.sent:safe], max(self.sent, safe)
         return piece
 
     def flush(self) -> str:
-        piece, self.sent = self.text_all[self.sent:], len(self.text_all)
+        """End of generation: release the decoder's held-back bytes and any kept-back stop prefix."""
+        if not self.stopped:
+            self._append(self.decoder.flush())
+        piece, self.sent = self.text[self.sent:], len(self.text)
         return piece
-
-    @property
-    def text(self) -> str:
-        return self.text_all
 
 
 def strip_tags(text: str) -> str:

@@ -22,8 +22,9 @@ commands inside the chat (one per line):
   /audio PATH   attach an audio file to your next message (repeatable)
   /reset        forget the conversation (and any attached audio)
   /help         show these commands
-  /exit         quit (end of input quits too)
-an empty line sends the attached audio without text (voice chat); otherwise it is ignored"""
+  /exit, /quit  quit (end of input quits too)
+any other line is your message; an empty line sends the attached audio alone (voice
+chat), or is ignored when no audio is attached"""
 
 
 class UserError(Exception):
@@ -59,8 +60,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="weight and compute dtype; auto is float32 on cpu and the checkpoint's stored dtype "
                             "on cuda (default: auto)")
     model.add_argument("--truncate", action="store_true",
-                       help="cut every audio at 30 s like the reference implementation (default: longer audio "
-                            "is split into several consecutive 30 s windows)")
+                       help="keep only the first 30 s of every audio, like the reference implementation "
+                            "(default: longer audio is split into consecutive 30 s windows, all given to the model)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
                           help="stop after N generated tokens (default: 256)")
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--system", metavar="TEXT", default=None,
                      help="system message (default: the chat template's 'You are a helpful assistant.'); "
                           "not used with --raw")
-    ask.add_argument("--stream", action="store_true", help="print the answer's text as it is generated")
+    ask.add_argument("--stream", action="store_true", help="print the answer's text as it is generated (with --raw the answer is printed "
+                          "once complete)")
     ask.add_argument("--raw", action="store_true",
                      help="use the base model's raw prompt (one <|audio_bos|><|AUDIO|><|audio_eos|> block per "
                           "audio, then the prompt text) instead of the chat template, e.g. with --prompt "
@@ -209,12 +211,18 @@ def _audio_parts(clips) -> list[dict]:
 
 
 def _emit(pieces) -> str:
-    """Print streamed pieces as they come; return the whole text."""
+    """Print streamed pieces as they come, then a newline; return the whole text."""
     out = []
-    for piece in pieces:
-        out.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        for piece in pieces:
+            out.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except BaseException:
+        if out:  # end the partial answer's line before the error is reported
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(out)
@@ -325,7 +333,6 @@ def cmd_chat(args) -> int:
         try:
             answer = _emit(pipe.stream(system + history + [turn], sampling))
         except ValueError as e:  # e.g. the conversation no longer fits the model: drop this turn
-            sys.stdout.write("\n")
             _report(_one_line(e))
             continue
         history += [turn, {"role": "assistant", "content": answer}]

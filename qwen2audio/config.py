@@ -22,7 +22,12 @@ def _from_dict(cls, data: dict[str, Any]):
     names = {f.name for f in fields(cls)} - {"extra"}
     known = {k: v for k, v in data.items() if k in names}
     extra = {k: v for k, v in data.items() if k not in names}
-    obj = cls(**known)
+    try:
+        obj = cls(**known)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{cls.__name__}: invalid field value ({e})") from None
     obj.extra = extra
     return obj
 

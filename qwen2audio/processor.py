@@ -100,7 +100,10 @@ class Qwen2AudioProcessor:
         # Decode every clip, cut each into 30 s windows, and expand its placeholder accordingly.
         windows, replacements = [], []
         for i, clip in enumerate(clips):
-            wav = load_audio(clip, sampling_rate, name=f"audio {i + 1}")
+            try:
+                wav = load_audio(clip, sampling_rate)
+            except AudioError as e:
+                raise AudioError(f"audio {i + 1}: {e}") from None
             parts = split_windows(wav, truncate=truncate)
             counts = [num_audio_tokens(num_valid_frames(len(p))) for p in parts]
             if min(counts) <= 0:

@@ -71,11 +71,20 @@ class Tokenizer:
     def from_dir(cls, directory: str | Path) -> "Tokenizer":
         directory = Path(directory)
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        try:
+            config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{config_path}: not valid JSON ({e})") from None
         if (directory / "tokenizer.json").exists():
-            backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            try:
+                backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+                raise TokenizerError(f"{directory / 'tokenizer.json'}: cannot be loaded ({e})") from None
         elif (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
-            backend = cls._from_vocab_merges(directory, config)
+            try:
+                backend = cls._from_vocab_merges(directory, config)
+            except (ValueError, KeyError, TypeError) as e:
+                raise TokenizerError(f"{directory}: vocab.json/merges.txt cannot be loaded ({e})") from None
         else:
             raise TokenizerError(f"{directory}: no tokenizer.json, nor vocab.json + merges.txt")
         return cls(backend, config)
@@ -172,5 +181,11 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD, as in `decode`)."""
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         piece, self.emitted = text[len(self.emitted):], text
         return piece

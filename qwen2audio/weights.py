@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Qwen2AudioConfig
@@ -82,12 +82,10 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: b
     state: dict[str, torch.Tensor] = {}
     bar = _progress(files, progress, directory.name)
     for file in bar:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = canonical_key(key)
-                tensor = f.get_tensor(key)
-                target = dtype or (tensor.dtype if tensor.is_floating_point() else None)
-                state[name] = tensor.to(device=device, dtype=target) if target else tensor.to(device)
+        try:
+            _read_shard(file, state, device, dtype)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     tied = tie_flag and LM_HEAD not in state
     if tied:
         expected.discard(LM_HEAD)
@@ -114,6 +112,14 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: b
     lm.rope_cos, lm.rope_sin = cos.to(device), sin.to(device)
     model.eval()
     return model
+
+
+def _read_shard(file: Path, state: dict, device, dtype) -> None:
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            tensor = f.get_tensor(key)  # memory-mapped
+            target = dtype or (tensor.dtype if tensor.is_floating_point() else None)
+            state[canonical_key(key)] = tensor.to(device=device, dtype=target) if target else tensor.to(device)
 
 
 def save_model(model, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -182,3 +182,15 @@ def test_remote_urls_are_not_fetched(pipe):
 def test_bad_audio_names_the_input(pipe):
     with pytest.raises(qwen2audio.AudioError, match="too short"):
         pipe.chat(analysis(np.zeros(100, np.float32)))
+
+
+def test_answer_keeps_an_incomplete_trailing_character(pipe):
+    """chat() returns exactly tokenizer.decode(generated ids), even when they end mid-character."""
+    tok = pipe.tokenizer
+    for seed in range(6):
+        messages = analysis(sine(1.0 + seed / 3, 200 + 100 * seed, seed=seed))
+        inputs = pipe.processor.prepare_chats([messages])
+        ids = [t[0] for t in tokens_of(pipe, inputs, 15)]
+        ids = ids[: next((i for i, t in enumerate(ids) if t in pipe.stop_ids), len(ids))]
+        assert pipe.chat(messages, max_new_tokens=15) == tok.decode(ids)
+        assert "".join(pipe.stream(messages, max_new_tokens=15)) == tok.decode(ids)
