@@ -59,13 +59,13 @@ SIZES = {
         audio=dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048, num_mel_bins=128),
         text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
                   num_key_value_heads=4, vocab_size=32000),
-        warmup=1, repeats=3, new_tokens=64,
+        warmup=1, repeats=5, decode_repeats=3, new_tokens=64,
     ),
     "quick": dict(
         audio=dict(d_model=256, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=1024, num_mel_bins=128),
         text=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=8192),
-        warmup=1, repeats=2, new_tokens=32,
+        warmup=1, repeats=3, decode_repeats=2, new_tokens=32,
     ),
 }
 
@@ -107,15 +107,10 @@ def save_checkpoint(ref, tok, directory: Path):
 
 
 # ---- timing -----------------------------------------------------------------------------------
-def timed(fn, warmup: int, repeats: int) -> tuple[float, object]:
-    """Median wall time (s) of `fn()` over `repeats` runs after `warmup` runs, and the last result."""
-    (t,), (out,) = timed_pair([fn], warmup, repeats)
-    return t, out
-
-
 def timed_pair(fns, warmup: int, repeats: int) -> tuple[list[float], list[object]]:
-    """Like `timed` for several functions, interleaved run by run (ours, reference, ours, ...), so that
-    load from other processes on a shared machine hits every side alike. Medians and last results."""
+    """Median wall time (s) of each `fn()` over `repeats` runs after `warmup` runs, and its last result.
+    The functions run interleaved (ours, reference, ours, ...), so that load from other processes on a
+    shared machine hits every side alike."""
     outs = [None] * len(fns)
     for _ in range(warmup):
         for i, fn in enumerate(fns):
@@ -250,18 +245,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller model, fewer tokens and repeats")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median is reported)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed repeats per measurement, decode included (median is reported)")
     args = ap.parse_args()
 
     warnings.filterwarnings("ignore")
+    import transformers
     from transformers import WhisperFeatureExtractor
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     size = SIZES["quick" if args.quick else "full"]
-    warmup, repeats, N = size["warmup"], args.repeats or size["repeats"], size["new_tokens"]
+    warmup, N = size["warmup"], size["new_tokens"]
+    repeats, decode_repeats = args.repeats or size["repeats"], args.repeats or size["decode_repeats"]
     script_t0 = time.perf_counter()
 
     ref, tok = build_reference(size)
@@ -277,12 +276,12 @@ def main() -> None:
     n_ours = sum(p.numel() for p in ours.parameters())
     assert n_ref == n_ours, (n_ref, n_ours)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"transformers {__import__('transformers').__version__}, attn_implementation={ref.config._attn_implementation}")
+          f"transformers {transformers.__version__}, attn_implementation={ref.config._attn_implementation}")
     print(f"model: audio d_model={a.d_model} layers={a.encoder_layers} heads={a.encoder_attention_heads} "
           f"ffn={a.encoder_ffn_dim} mels={a.num_mel_bins}; text hidden={t.hidden_size} layers={t.num_hidden_layers} "
-          f"heads={t.num_attention_heads}/{t.num_key_value_heads} kv ffn={t.intermediate_size} vocab={t.vocab_size}; "
+          f"heads={t.num_attention_heads} ({t.num_key_value_heads} kv) ffn={t.intermediate_size} vocab={t.vocab_size}; "
           f"{n_ref / 1e6:.1f}M params, fp32, CPU")
-    print(f"warmup={warmup}, repeats={repeats} (median), new tokens={N}\n")
+    print(f"warmup={warmup}, repeats={repeats} (decode: {decode_repeats}), median reported, new tokens={N}\n")
 
     rows = []  # (name, ours, reference, unit, ratio, background share of the CPUs while measuring)
     whole_run = Background()
@@ -305,7 +304,8 @@ def main() -> None:
         fe = WhisperFeatureExtractor(feature_size=a.num_mel_bins)
         (t_ours, t_ref), ((f_ours, m_ours), f_ref) = timed_pair(
             [lambda: log_mel_spectrogram(clips, a.num_mel_bins),
-             lambda: fe(clips, sampling_rate=SR, padding="max_length", return_attention_mask=True, return_tensors="pt")],
+             lambda: fe(clips, sampling_rate=SR, padding="max_length", return_attention_mask=True,
+                        return_tensors="pt")],
             warmup, repeats)
         feat_diff = (f_ours - f_ref["input_features"]).abs().max().item()
         assert torch.equal(m_ours, f_ref["attention_mask"].long()), "frame masks differ"
@@ -361,9 +361,10 @@ def main() -> None:
             questions = ["Describe the sound.", "What's that sound?", "Transcribe the speech.", "Who is speaking?"]
             convs = [chat(clip(s, seed=20 + i), questions[i % len(questions)]) for i, s in enumerate(seconds)]
             binputs = processor.prepare_chats(convs)
+            generates = [lambda: ours_generate(ours, binputs, N),
+                         lambda: reference_generate(ref, dict(binputs), N, tok.pad_id)]
             (ours_rate, ours_first, ours_total, ours_tokens), (ref_rate, ref_first, ref_total, ref_tokens) = \
-                decode_rate([lambda: ours_generate(ours, binputs, N),
-                             lambda: reference_generate(ref, dict(binputs), N, tok.pad_id)], batch, N, warmup, repeats)
+                decode_rate(generates, batch, N, warmup, decode_repeats)
             if batch == 1:
                 assert torch.equal(ours_tokens, ref_tokens.cpu()), \
                     f"greedy tokens differ:\nours {ours_tokens.tolist()}\nref  {ref_tokens.tolist()}"
@@ -381,7 +382,8 @@ def main() -> None:
 
     # ---- table ---------------------------------------------------------------------------
     print("\n## qwen2audio vs transformers reference (CPU, fp32, same weights)\n")
-    print(f"threads={torch.get_num_threads()}, median of {repeats} after {warmup} warmup; "
+    print(f"threads={torch.get_num_threads()}, median of {repeats} (decode rows: {decode_repeats}) "
+          f"after {warmup} warmup; "
           "ratio = reference time / our time (> 1: we are faster)\n")
     print("| benchmark | ours | reference | unit | ratio | other load |")
     print("|---|---:|---:|---|---:|---:|")
@@ -407,8 +409,9 @@ What is measured:
         print(f"\nother processes used {bg:.0%} of the CPUs during the whole run"
               + (" -- WARNING: not a quiet machine, timings are unreliable" if bg > 0.05 else ""))
     low = [r for r in rows if r[4] < 1.0]
+    enc5 = next(r[4] for r in rows if r[0].startswith("audio encoder, 1 clip 5 s"))
     print(f"\nratios below 1.0: {', '.join(r[0] for r in low) if low else 'none'}; "
-          f"encoder 5 s ratio {next(r[4] for r in rows if r[0].startswith('audio encoder, 1 clip 5 s')):.2f}x (target >= 3x)")
+          f"encoder 5 s ratio {enc5:.2f}x (target >= 3x)")
     print(f"total script time {time.perf_counter() - script_t0:.0f} s")
 
 

@@ -85,12 +85,14 @@ def log_mel_spectrogram(
     batch = batch.to(device)
     window = torch.hann_window(N_FFT, device=device)  # periodic, as in the reference
     stft = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True)
-    power = (stft[..., :-1].abs() ** 2).contiguous()  # (B, N_FREQS, N_FRAMES): the last frame is dropped
+    # |z|^2 as re^2 + im^2: abs() would take a square root only to square it again.
+    re_im = torch.view_as_real(stft[..., :-1])  # (B, N_FREQS, N_FRAMES, 2): the last frame is dropped
+    power = re_im[..., 0].square() + re_im[..., 1].square()
     filters = torch.from_numpy(mel_filters(n_mels)).to(device)
-    log_spec = torch.clamp(filters @ power, min=LOG_FLOOR).log10()
+    log_spec = (filters @ power).clamp_(min=LOG_FLOOR).log10_()
     # The floor is relative to each clip's peak over the whole padded window, exactly as the reference.
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
-    log_spec = (torch.maximum(log_spec, peak - DYNAMIC_RANGE) + 4.0) / 4.0
+    log_spec = torch.maximum(log_spec, peak - DYNAMIC_RANGE).add_(4.0).div_(4.0)
     return log_spec, mask.to(device)
 
 

@@ -19,10 +19,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in float32, scale in the input dtype, as the reference does.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +70,9 @@ class Attention(nn.Module):
             cache.v[self.layer_idx, :, :, offset : offset + T] = v
             k = cache.k[self.layer_idx, :, :, : offset + T]
             v = cache.v[self.layer_idx, :, :, : offset + T]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        causal = isinstance(mask, str)  # "causal": no padding, a plain causal prefill
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -112,7 +112,7 @@ class Qwen2Model(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, embeds, positions, mask, cache: KVCache | None = None, offset: int = 0):
-        """embeds (B, T, D), positions (B, T), mask (B, 1, T, S) bool or None -> hidden (B, T, D)."""
+        """embeds (B, T, D), positions (B, T), mask: (B, 1, T, S) additive float, "causal" or None -> (B, T, D)."""
         cos = self.rope_cos[positions].unsqueeze(1).to(embeds.dtype)  # (B, 1, T, head_dim)
         sin = self.rope_sin[positions].unsqueeze(1).to(embeds.dtype)
         x = embeds

@@ -100,10 +100,23 @@ class Qwen2AudioModel(nn.Module):
         T = embeds.shape[1]
         if positions is None:
             positions = positions_from_mask(key_mask[:, : offset + T])[:, offset:]
-        hidden = self.language_model.model(embeds, positions, attention_mask_4d(key_mask, T, offset), cache, offset)
+        hidden = self.language_model.model(embeds, positions, self._attention_mask(key_mask, T, offset, embeds.dtype),
+                                           cache, offset)
         if last_only:
             hidden = hidden[:, -1:]
         return self.language_model.lm_head(hidden)
+
+    @staticmethod
+    def _attention_mask(key_mask: torch.Tensor, q_len: int, offset: int, dtype: torch.dtype):
+        """The cheapest mask SDPA needs: none for unpadded decode, "causal" for unpadded prefill,
+        else one additive float mask shared by all layers (SDPA would convert a bool one per layer)."""
+        if bool(key_mask[:, : offset + q_len].all()):
+            if q_len == 1:
+                return None
+            if offset == 0:
+                return "causal"
+        allowed = attention_mask_4d(key_mask, q_len, offset)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.config.text_config, batch, max_len, self.dtype, self.device)
