@@ -140,7 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "prompt; --language is then ignored")
     for command in (ask, chat, tr):
         add_common_options(command)
+    for module in feature_modules():
+        COMMANDS.update(module.register(sub))
     return parser
+
+
+# Subcommands that live next to their feature (serve, train, eval, synth). Each such module defines
+# `register(subparsers) -> {name: handler(args) -> int}`, importing heavy dependencies only inside
+# the handlers, so that `--help` stays fast. Errors they raise follow the same rules as below.
+FEATURE_MODULES = ("qwen2audio.server.cli", "qwen2audio.train.cli", "qwen2audio.eval.cli", "qwen2audio.synth.cli")
+
+
+def feature_modules():
+    import importlib
+    import importlib.util
+
+    for name in FEATURE_MODULES:
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) and importlib.util.find_spec(name):
+            yield importlib.import_module(name)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
