@@ -182,6 +182,11 @@ def load(path: str | Path | None = None, device: str | None = None, dtype=None, 
     model = Qwen2AudioModel.from_pretrained(directory, device=device, dtype=resolve_dtype(dtype, device),
                                             progress=progress)
     processor = Qwen2AudioProcessor.from_pretrained(directory)
+    if processor.tokenizer.audio_id != model.config.audio_token_index:
+        raise CheckpointError(
+            f"{directory}: the tokenizer's <|AUDIO|> id is {processor.tokenizer.audio_id} but config.json says "
+            f"audio_token_index={model.config.audio_token_index}"
+        )
     if processor.n_mels != model.config.audio_config.num_mel_bins:
         raise CheckpointError(
             f"{directory}: preprocessor feature_size={processor.n_mels} but the encoder expects "

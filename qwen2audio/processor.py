@@ -141,14 +141,13 @@ class Qwen2AudioProcessor:
         return {"input_ids": input_ids, "attention_mask": mask}
 
     # ---- messages ----------------------------------------------------------------------------
-    def prepare_chats(self, conversations: list[list[dict]], truncate: bool = False, device="cpu",
-                      load=load_audio) -> BatchInputs:
-        """Render conversations, decode their audio parts and build one batch of model inputs."""
+    def prepare_chats(self, conversations: list[list[dict]], truncate: bool = False, device="cpu") -> BatchInputs:
+        """Render conversations and build one batch of model inputs from their audio parts."""
         texts, clips = [], []
         for messages in conversations:
             text, sources = render_chat(messages)
             texts.append(text)
-            clips.extend(load(src) for src in sources)
+            clips.extend(sources)
         return self(texts, audio=clips or None, truncate=truncate, device=device)
 
     def prepare_raw(self, prompts: list[str], audio: list | None = None, truncate: bool = False, device="cpu"):

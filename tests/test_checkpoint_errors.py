@@ -31,9 +31,10 @@ def copy(tiny_checkpoint, tmp_path):
         (lambda d: (d / "tokenizer.json").write_text("{}"), TokenizerError, "tokenizer.json"),
         (lambda d: (d / "tokenizer_config.json").write_text("]"), TokenizerError, "tokenizer_config.json"),
         (lambda d: (d / "generation_config.json").write_text("nope"), CheckpointError, "generation_config.json"),
+        (lambda d: _set_top(d, audio_token_index=7), CheckpointError, "audio_token_index=7"),
     ],
     ids=["corrupt-weights", "no-weights", "pickle-only", "bad-config-json", "no-config", "bad-field", "shape-mismatch",
-         "bad-tokenizer", "bad-tokenizer-config", "bad-generation-config"],
+         "bad-tokenizer", "bad-tokenizer-config", "bad-generation-config", "audio-id-mismatch"],
 )
 def test_broken_checkpoint(copy, breakage, error, words):
     breakage(copy)
@@ -44,6 +45,12 @@ def test_broken_checkpoint(copy, breakage, error, words):
 def _set_config(directory, **text_fields):
     cfg = json.loads((directory / "config.json").read_text())
     cfg["text_config"].update(text_fields)
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def _set_top(directory, **fields):
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.update(fields)
     (directory / "config.json").write_text(json.dumps(cfg))
 
 
