@@ -1,0 +1,1 @@
+"""Evaluation: task readers, official-metric scorers, AIR-Bench judging, sharded runs (``qwen2audio eval``)."""
