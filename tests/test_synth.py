@@ -1,0 +1,233 @@
+"""Tests of the corpus builder (`qwen2audio synth`) on a tiny corpus.
+
+The Debian tools it drives (espeak-ng, flite, festival, fluidsynth, the soundfont, the Asterisk
+prompts) are installed by the project's setup; when one is missing these tests fail with the
+package to install rather than skip, since a corpus without them is not the corpus.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from qwen2audio import load_audio
+from qwen2audio.cli import main
+from qwen2audio.synth import MissingToolError, SynthError, build_corpus, dsp, music, plan, questions, sounds, tts
+from qwen2audio.synth.asterisk import clips, parse_transcripts
+from qwen2audio.synth.build import check_sources
+from qwen2audio.synth.render import mixture_parts
+from qwen2audio.synth.split import is_heldout, split_of
+
+JSONL_FILES = ("train.jsonl", "heldout.jsonl", "pretrain_train.jsonl", "pretrain_heldout.jsonl",
+               "pretrain_raw_train.jsonl", "pretrain_raw_heldout.jsonl", "items.jsonl")
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def all_files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "tiny"
+    manifest = build_corpus(root, size="tiny", seed=0, jobs=2, progress=False)
+    items = {item["id"]: item for item in read_jsonl(root / "items.jsonl")}
+    return root, manifest, items
+
+
+def test_debian_packages_installed():
+    # Names the missing package (MissingToolError's message) instead of skipping.
+    check_sources(set(plan.SOURCES), {"asterisk": 1, "music": 1}, None)
+
+
+def test_same_seed_same_files_and_resume(corpus, tmp_path):
+    root, manifest, _ = corpus
+    other = tmp_path / "again"
+    build_corpus(other, size="tiny", seed=0, jobs=1, progress=False)  # other --jobs: same bytes
+    first = all_files(root)
+    assert all_files(other) == first
+    # Resume: finished files are kept, missing ones rendered again, to the same bytes.
+    removed = sorted(p for p in first if p.startswith("audio/"))[::9]
+    for path in removed:
+        (other / path).unlink()
+    (other / "train.jsonl").unlink()
+    resumed = build_corpus(other, size="tiny", seed=0, jobs=1, progress=False)
+    assert resumed["rendered_now"] == len(removed) and resumed["reused"] == manifest["rendered_now"] - len(removed)
+    assert all_files(other) == first
+    with pytest.raises(SynthError, match="other settings"):
+        build_corpus(other, size="tiny", seed=1, progress=False)
+
+
+def test_every_record_parses_and_its_audio_decodes(corpus):
+    root, manifest, items = corpus
+    paths = set()
+    for name in JSONL_FILES:
+        for row in read_jsonl(root / name):
+            paths.update(row.get("audios") or [row.get("audio")])
+            if "messages" in row:
+                assert [m["role"] for m in row["messages"]][::2] == ["user"] * (len(row["messages"]) // 2)
+                assert row["messages"][0]["content"].startswith("<audio>")
+                assert all(m["content"].strip() for m in row["messages"] if m["role"] == "assistant")
+    by_audio = {item["audio"]: item for item in items.values()}
+    assert paths == set(by_audio)
+    for rel in sorted(paths):
+        info = sf.info(str(root / rel))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), rel
+        wav = load_audio(str(root / rel))
+        assert dsp.rms(wav) > 1e-3, f"{rel} is silent"
+        assert abs(wav.size / 16000 - by_audio[rel]["duration"]) < 1e-3
+    counts = {split: sum(s["items"].values()) for split, s in manifest["splits"].items()}
+    assert counts["train"] + counts["heldout"] == len(items) == 42
+    assert all(counts.values())
+
+
+def test_pretrain_records_are_what_the_trainer_reads(corpus):
+    from qwen2audio.train.pretrain_tasks import example_from_record
+
+    root, _, _ = corpus
+    tasks = set()
+    for split in ("train", "heldout"):
+        raw = read_jsonl(root / f"pretrain_raw_{split}.jsonl")
+        for record, example in zip(read_jsonl(root / f"pretrain_{split}.jsonl"), raw):
+            assert example_from_record(record) == example
+            tasks.add(record["task"])
+            if record["task"] == "asr":
+                assert example["target"] == f" <|{record['language']}|>{record['label']}"
+                assert example["prompt"].endswith("Detect the language and recognize the speech:")
+    assert {"asr", "caption", "custom"} <= tasks
+
+
+def content_key(item):
+    """What the split is decided by: the sentence, the question's canonical form, the prompt's name."""
+    if item["kind"] in ("chat", "mixture"):
+        return item["question"]["key"]
+    return item.get("split_key") or item.get("text")
+
+
+def test_heldout_never_overlaps_train(corpus):
+    root, _, items = corpus
+    by_split = {"train": [], "heldout": []}
+    for item in items.values():
+        by_split[item["split"]].append(item)
+        if item["kind"] in ("speech", "chat", "asterisk", "mixture"):
+            assert split_of(content_key(item)) == item["split"], item["id"]  # by content, not by the seed
+    for field in (content_key, lambda x: x.get("text"), lambda x: x["audio"]):
+        train, heldout = ({field(x) for x in by_split[s]} - {None} for s in ("train", "heldout"))
+        assert not train & heldout
+    for split in ("train", "heldout"):
+        audios = {a for name in (f"{split}.jsonl", f"pretrain_{split}.jsonl")
+                  for row in read_jsonl(root / name) for a in row.get("audios") or [row["audio"]]}
+        assert audios == {x["audio"] for x in by_split[split]}
+    assert {x["kind"] for x in by_split["heldout"]} == set(plan.KINDS)
+
+
+def test_asterisk_transcripts():
+    text = ("\ufeff; Core Asterisk Sounds in English\n\nbeep: [this is a simple beep tone]\n"
+            "letters/at: at [@]\nconfbridge-join: <beep ascending>\nsilence/10: (10 seconds of silence)\n"
+            "vm-tempgreetactive: Sus saludos [temporales] estan actualmente en uso\ndir-welcome:\n"
+            "agent-pass: Please enter your password followed by the pound key.\n")
+    assert parse_transcripts(text) == {
+        "letters/at": "at", "vm-tempgreetactive": "Sus saludos estan actualmente en uso",
+        "agent-pass": "Please enter your password followed by the pound key."}
+    real = {c["name"]: c for c in clips("en")}
+    assert "beep" not in real and real["letters/at"]["text"] == "at"
+    assert real["agent-pass"]["text"] == "Please enter your password followed by the pound key."
+    assert not any(ch in c["text"] for c in real.values() for ch in "[]<>()")
+    held = [n for n in real if is_heldout(n)]
+    assert 0.05 < len(held) / len(real) < 0.15
+
+
+def test_generated_sounds_match_their_labels():
+    rng = np.random.default_rng(0)
+    for freq in (250, 1000, 1870):
+        wav = sounds.render({**sounds.sample(rng, "tone"), "freq": freq}, rng)
+        assert abs(dsp.dominant_frequency(wav) - freq) < 2
+    for n in (2, 5):
+        wav = sounds.render({**sounds.sample(rng, "beeps"), "n": n}, rng)
+        loud = np.convolve(np.abs(wav) > 0.3, np.ones(80) / 80, mode="same") > 0.5
+        assert np.count_nonzero(np.diff(loud.astype(int)) == 1) == n
+    for direction in ("rising", "falling"):
+        wav = sounds.render({**sounds.sample(rng, "chirp"), "direction": direction}, rng)
+        half = wav.size // 2
+        rises = dsp.dominant_frequency(wav[half:]) > dsp.dominant_frequency(wav[:half])
+        assert rises == (direction == "rising")
+    noises = {c: sounds.render({**sounds.sample(rng, f"{c} noise"), "duration": 2.0}, rng) for c in ("white", "brown")}
+    low_share = {c: dsp.rms(w - np.convolve(w, np.ones(64) / 64, "same")) / dsp.rms(w) for c, w in noises.items()}
+    assert low_share["white"] > 0.9 > 0.2 > low_share["brown"]  # white is mostly highs, brown mostly lows
+
+
+def test_music_is_in_its_key(corpus):
+    root, _, items = corpus
+    checked = 0
+    for item in items.values():
+        for p in [item.get("music")] if item["kind"] == "music" else []:
+            if p["instrument"] == "drums":
+                continue
+            tonic = music.NOTE_NAMES.index(p["key"].rsplit(" ", 1)[0])
+            scale = [(tonic + step) % 12 for step in music.SCALES[p["mode"]]]
+            chroma = music.chroma(load_audio(str(root / item["audio"])))
+            assert chroma[scale].sum() / chroma.sum() > 0.75, item["id"]
+            checked += 1
+    assert checked
+
+
+def test_mixtures_hold_the_command_and_the_background(corpus):
+    root, _, _ = corpus
+    specs = [s for s in plan.make_plan({"mixture": 4}, 0, set(plan.SOURCES)) if s["id"] == "mixture-000001"]
+    speech, background = mixture_parts(specs[0], music.find_soundfont())
+    written = load_audio(str(root / specs[0]["audio"])).astype(np.float64)
+    # The file is gain * (speech + background): both parts are there, at the planned levels.
+    (a, b), *_ = np.linalg.lstsq(np.stack([speech, background], axis=1), written, rcond=None)
+    assert a > 0 and b > 0 and abs(a / b - 1) < 0.02
+    start = dsp.samples(specs[0]["offset"])
+    end = start + tts.speak(specs[0]["question"]["question"], specs[0]["voice"]).size
+    assert dsp.rms(written[: start]) > 0.01  # the background plays before the command starts
+    snr = 20 * np.log10(dsp.rms(speech[start:end]) / dsp.rms(background[start:end]))
+    assert abs(snr - specs[0]["snr_db"]) < 0.1
+
+
+def test_voice_chat_answers_are_correct(corpus):
+    words = {questions.number_words(n): n for n in range(21)}
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        q = questions.arithmetic(rng)
+        spoken = q["question"].rstrip("?.").split()
+        op = next(w for w in spoken if w in questions.OPERATIONS)
+        i = spoken.index(op)
+        a, b = words[spoken[i - 1]], words[spoken[i + 1]]
+        result = {"plus": a + b, "minus": a - b, "times": a * b}[op]
+        assert result >= 0 and q["answer"] == f"{a} {op} {b} is {result}."
+    assert questions.spell(np.random.default_rng(0))["answer"].count("-") >= 2
+    # In the corpus, spoken questions are answered with their own answer.
+    root, _, items = corpus
+    by_audio = {item["audio"]: item for item in items.values()}
+    voice_chats = 0
+    for split in ("train", "heldout"):
+        for row in read_jsonl(root / f"{split}.jsonl"):
+            if row["messages"][0]["content"] == "<audio>":
+                assert row["messages"][1]["content"] == by_audio[row["audios"][0]]["question"]["answer"]
+                voice_chats += 1
+    assert voice_chats >= 8
+
+
+def test_cli_builds_and_reports_errors(tmp_path, capsys, monkeypatch):
+    from qwen2audio.synth.cli import SOURCES
+
+    assert SOURCES == plan.SOURCES  # the CLI keeps its own copy so that --help imports nothing heavy
+    out = tmp_path / "cli"
+    assert main(["synth", "-o", str(out), "--size", "sound=3", "--sources", "sounds", "-q"]) == 0
+    assert len(read_jsonl(out / "train.jsonl")) + len(read_jsonl(out / "heldout.jsonl")) == 3
+    assert main(["synth", "-o", str(tmp_path / "x"), "--size", "huge", "-q"]) == 2
+    assert "unknown kind 'huge'" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on the PATH
+    assert main(["synth", "-o", str(tmp_path / "y"), "--size", "speech=2", "--sources", "espeak", "-q"]) == 2
+    assert "apt-get install espeak-ng" in capsys.readouterr().err
+    with pytest.raises(MissingToolError, match="fluidsynth"):
+        check_sources({"music"}, {"music": 1}, None)
+    shutil.rmtree(out)
