@@ -38,7 +38,7 @@ def _version() -> str:
 
 
 # ---- argument parsing --------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -63,7 +63,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="keep only the first 30 s of every audio, like the reference implementation "
                             "(default: longer audio is split into consecutive 30 s windows, all given to the model)")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+    sampling.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                           help="stop after N generated tokens (default: 256)")
     sampling.add_argument("--temperature", type=float, default=0.0, metavar="T",
                           help="sampling temperature; 0 picks the most likely token (greedy) (default: 0)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import positive_int
+
 # Kept in step with plan.py without importing it: `--help` must not pay for numpy and torch.
 SOURCES = ("espeak", "flite", "festival", "asterisk", "sounds", "music")
 
@@ -27,16 +29,6 @@ Debian packages: espeak-ng, flite, festival festvox-us-slt-hts festvox-kallpc16k
 timgm6mb-soundfont, asterisk-core-sounds-{en,es,fr,it,ru} asterisk-core-sounds-{en,es,fr,it,ru}-g722."""
 
 
-def _jobs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _sources(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in SOURCES]
@@ -55,7 +47,7 @@ def register(subparsers) -> dict:
     p.add_argument("--size", default="small", metavar="SIZE",
                    help="tiny, small, full, or kind=N,... (default: small)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
-    p.add_argument("--jobs", "-j", type=_jobs, default=None, metavar="N",
+    p.add_argument("--jobs", "-j", type=positive_int, default=None, metavar="N",
                    help="worker processes (default: the number of CPUs)")
     p.add_argument("--sources", type=_sources, default=None, metavar="LIST",
                    help=f"comma-separated sources to use (default: all: {','.join(SOURCES)})")
