@@ -1,0 +1,312 @@
+"""Continuous-batching engine: requests join and leave the running batch at every step.
+
+One background thread owns the model and runs `step()` = schedule -> run -> postprocess:
+
+- schedule: drop cancelled requests (freeing their KV rows), admit waiting ones into free rows and
+  prefill each alone into its row (its audio encodings come from the encoded-audio cache when the
+  same window was seen before);
+- run: one batched decode step over every running row, each at its own position (`RowKVCache`),
+  each attending over its own keys only;
+- postprocess: sample every row with its own parameters, stream text to its consumer, and free the
+  rows of finished requests at once.
+
+A request's greedy answer equals the one it gets alone (`Pipeline.chat`): its prefill is the same
+batch-1 computation and a decode row never sees another row's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Callable, Iterator
+
+import torch
+
+from ..features import log_mel_spectrogram
+from ..model.qwen2 import RowKVCache
+from ..model.qwen2_audio import Qwen2AudioModel
+from ..tokenizer import Tokenizer
+from .audio_cache import AudioEmbeddingCache
+from .inputs import PromptInputs
+from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
+from .scheduler import FINISHED, Output, Scheduler, Sequence
+
+log = logging.getLogger("qwen2audio.engine")
+
+
+def kv_bytes_per_token(model: Qwen2AudioModel) -> int:
+    t = model.config.text_config
+    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+
+
+class LLMEngine:
+    def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, stop_ids: set[int], *, max_batch: int = 16,
+                 max_model_len: int | None = None, kv_cache_bytes: int | None = None, max_queue: int = 256,
+                 prefill_token_budget: int = 4096, audio_cache_bytes: int = 256 * 2**20, n_mels: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.stop_ids = frozenset(stop_ids)
+        self.n_mels = n_mels or model.config.audio_config.num_mel_bins
+        limit = model.config.text_config.max_position_embeddings
+        self.max_len = min(max_model_len or min(limit, 4096), limit)
+        per_slot = kv_bytes_per_token(model) * self.max_len
+        slots = max_batch
+        if kv_cache_bytes is not None:
+            slots = min(slots, int(kv_cache_bytes // per_slot))
+            if slots < 1:
+                raise ValueError(f"a KV-cache budget of {kv_cache_bytes / 2**30:.2f} GiB holds no request of "
+                                 f"{self.max_len} tokens ({per_slot / 2**30:.2f} GiB each): raise the budget or "
+                                 f"lower the maximum model length")
+        if slots < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.cache = model.new_cache(slots, self.max_len)  # (layers, slots, kv_heads, max_len, head_dim)
+        self.kv_cache_bytes = 2 * self.cache.k.numel() * self.cache.k.element_size()
+        self.scheduler = Scheduler(slots, self.max_len, max_queue, prefill_token_budget)
+        self.audio_cache = AudioEmbeddingCache(audio_cache_bytes)
+        # Every key exists from the start, so that stats() readers on other threads never see the dict grow.
+        self.counters: Counter = Counter(dict.fromkeys(
+            ["steps", "prefills", "decode_steps", "prompt_tokens", "generated_tokens", "peak_running",
+             "audio_windows_encoded", "finished_stop", "finished_length", "finished_cancelled", "finished_error"], 0))
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- public API (any thread) ------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return self.scheduler.num_slots
+
+    def submit(self, prompt: PromptInputs, params: SamplingParams, sink: Callable[[Output], None] | None = None,
+               ignore_eos: bool = False, request_id: str | None = None, arrival: float | None = None) -> Sequence:
+        """Queue a request. Raises PromptTooLong or QueueFull. Without a `sink`, outputs go to
+        `seq.outputs` (a queue.Queue; see `iter_outputs`)."""
+        outputs = None
+        if sink is None:
+            outputs = queue.Queue()
+            sink = outputs.put
+        stops = frozenset() if ignore_eos else self.stop_ids | set(params.stop_token_ids)
+        seq = Sequence(prompt=prompt, params=params, stop_ids=stops, sink=sink)
+        if request_id is not None:
+            seq.request_id = request_id
+        if arrival is not None:
+            seq.arrival = arrival
+        seq.outputs = outputs
+        self.scheduler.add(seq)
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancel()
+        self._wake.set()
+
+    def start(self) -> "LLMEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="qwen2audio-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running), "waiting": self.scheduler.queue_depth,
+            "slots": self.num_slots, "free_slots": self.scheduler.free_slots, "max_model_len": self.max_len,
+            "audio_cache_hits": self.audio_cache.hits, "audio_cache_misses": self.audio_cache.misses,
+            "audio_cache_entries": len(self.audio_cache), "audio_cache_bytes": self.audio_cache.bytes,
+            **self.counters,
+        }
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.scheduler.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # a bug or out-of-memory must not kill the server: fail the batch
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error", error=f"internal engine error: {e}")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """schedule -> run -> postprocess, once. Public so tests can drive the engine by hand."""
+        self.counters["steps"] += 1
+        for seq in self.scheduler.take_cancelled_waiting():
+            self._finish(seq, "cancelled")
+        for seq in [s for s in self.scheduler.running if s.cancelled]:
+            self._finish(seq, "cancelled")
+        for seq in self.scheduler.admit():
+            self._prefill(seq)
+        if self.scheduler.running:
+            self._decode()
+
+    def _prefill(self, seq: Sequence) -> None:
+        """The request alone, batch 1, written into its own cache row; samples its first token."""
+        model = self.model
+        try:
+            audio = self._encode(seq.prompt)
+            ids = torch.tensor([seq.prompt.ids], device=model.device)
+            embeds = model.embed(ids, audio)
+            key_mask = torch.ones_like(ids, dtype=torch.bool)
+            row = self.cache.rows(seq.row, seq.row + 1)
+            logits = model.decode(embeds, key_mask, row, offset=0, last_only=True)[:, -1].float()
+            self._init_sampling(seq)
+        except Exception as e:  # e.g. out of memory on a huge prompt: this request fails, not the server
+            log.exception("prefill of %s failed", seq.request_id)
+            self._finish(seq, "error", error=f"prefill failed: {e}")
+            return
+        self.counters["prefills"] += 1
+        self.counters["prompt_tokens"] += seq.prompt_len
+        seq.pos = seq.prompt_len
+        self._postprocess([seq], self._sample(logits, [seq]))
+
+    def _decode(self) -> None:
+        """One token for every running row; row i writes at position pos_i and reads keys 0..pos_i."""
+        seqs = list(self.scheduler.running)
+        device, lm = self.model.device, self.model.language_model
+        positions = [s.pos for s in seqs]
+        pos = torch.tensor(positions, device=device)
+        span = max(positions) + 1
+        mask = None  # rows at one common position see exactly their own keys: no mask needed
+        if min(positions) != span - 1:
+            beyond = torch.arange(span, device=device)[None, :] > pos[:, None]  # (B, span)
+            mask = torch.zeros(beyond.shape, dtype=self.model.dtype, device=device).masked_fill_(beyond, float("-inf"))
+            mask = mask[:, None, None, :]  # (B, 1, 1, span)
+        tokens = torch.tensor([s.last_token for s in seqs], device=device)
+        embeds = lm.model.embed_tokens(tokens[:, None])  # generated ids are plain text: no audio to merge
+        hidden = lm.model(embeds, pos[:, None], mask, RowKVCache(self.cache.k, self.cache.v, pos, span), None)
+        logits = lm.lm_head(hidden[:, -1]).float()  # (B, V)
+        self.counters["decode_steps"] += 1
+        self.counters["peak_running"] = max(self.counters["peak_running"], len(seqs))
+        for s in seqs:
+            s.pos += 1
+        self._postprocess(seqs, self._sample(logits, seqs))
+
+    # ---- per-row sampling and bookkeeping ---------------------------------------------------
+    def _init_sampling(self, seq: Sequence) -> None:
+        from ..api import _Answer  # the Python API's stop-string handling, shared so both cut alike
+
+        p = seq.params
+        seq.answer = _Answer(self.tokenizer, p.stop)
+        if p.seed is not None and not p.greedy:
+            seq.generator = torch.Generator(device=self.model.device).manual_seed(p.seed)
+        if p.repetition_penalty != 1.0:
+            vocab = self.model.config.text_config.vocab_size
+            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.model.device)
+            seq.seen[torch.tensor(seq.prompt.ids, device=self.model.device)] = True
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | str]:
+        """logits (B, V) float32 -> one token per row, each with its request's parameters (an error
+        message instead of a token for a row whose sampling failed)."""
+        for i, s in enumerate(seqs):
+            if s.seen is not None:
+                logits[i] = apply_repetition_penalty(logits[i], s.seen, s.params.repetition_penalty)
+        tokens = logits.argmax(-1)
+        failed = {}
+        for i, s in enumerate(seqs):
+            if not s.params.greedy:
+                try:
+                    tokens[i] = choose_tokens(logits[i : i + 1], s.params, s.generator)[0]
+                except RuntimeError as e:  # e.g. NaN probabilities: only this row fails
+                    failed[i] = f"sampling failed: {e}"
+        host = tokens.tolist()  # the one host sync of the step
+        for i, (s, t) in enumerate(zip(seqs, host)):
+            if i in failed:
+                host[i] = failed[i]
+            elif s.seen is not None:
+                s.seen[t] = True
+        return host
+
+    def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        now = time.perf_counter()
+        for seq, tok in zip(seqs, tokens):
+            if isinstance(tok, str):  # the row's sampling failed; the message says why
+                self._finish(seq, "error", error=tok)
+                continue
+            seq.num_sampled += 1
+            self.counters["generated_tokens"] += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if tok in seq.stop_ids:
+                self._finish(seq, "stop")
+                continue
+            seq.output_ids.append(tok)
+            seq.last_token = tok
+            piece = seq.answer.push(tok)
+            if seq.answer.stopped:
+                self._finish(seq, "stop", piece, [tok])
+            elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.pos >= self.max_len:
+                self._finish(seq, "length", piece, [tok])
+            else:
+                self._emit(seq, Output(seq.request_id, piece, [tok], prompt_tokens=seq.prompt_len,
+                                       completion_tokens=seq.num_sampled))
+
+    def _finish(self, seq: Sequence, reason: str, piece: str = "", token_ids: list[int] | None = None,
+                error: str | None = None) -> None:
+        if seq.status == FINISHED:
+            return
+        if reason in ("stop", "length") and seq.answer is not None:
+            piece += seq.answer.flush()
+        if seq.row is not None:
+            moved = self.scheduler.release(seq)
+            if moved is not None:  # keep running rows contiguous: the last row takes the freed one
+                src, dst = moved
+                n = self.scheduler.running[dst].pos
+                self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
+                self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
+        seq.status, seq.finish_reason, seq.error = FINISHED, reason, error
+        seq.finish_time = time.perf_counter()
+        self.counters[f"finished_{reason}"] += 1
+        self._emit(seq, Output(seq.request_id, piece, token_ids or [], finished=True, finish_reason=reason,
+                               prompt_tokens=seq.prompt_len, completion_tokens=seq.num_sampled, error=error))
+
+    @staticmethod
+    def _emit(seq: Sequence, out: Output) -> None:
+        try:
+            seq.sink(out)
+        except Exception:  # a consumer's bug must not stop the other requests
+            log.exception("output sink of %s failed", seq.request_id)
+
+    def _encode(self, prompt: PromptInputs) -> list[torch.Tensor] | None:
+        """Audio embeddings per window; only windows missing from the cache go through the tower."""
+        if not prompt.windows:
+            return None
+        out = [self.audio_cache.get(key) for key in prompt.keys]
+        missing = [i for i, e in enumerate(out) if e is None]
+        if missing:
+            feats, frame_mask = log_mel_spectrogram([prompt.windows[i] for i in missing], self.n_mels,
+                                                    device=self.model.device)
+            for i, emb in zip(missing, self.model.encode_audio(feats, frame_mask)):
+                out[i] = emb.clone()  # a view would keep the whole padded batch alive in the cache
+                self.audio_cache.put(prompt.keys[i], out[i])
+            self.counters["audio_windows_encoded"] += len(missing)
+        return out
+
+
+def iter_outputs(seq: Sequence, timeout: float | None = None) -> Iterator[Output]:
+    """Outputs of a request submitted without a sink, until it finishes."""
+    while True:
+        out = seq.outputs.get(timeout=timeout)
+        yield out
+        if out.finished:
+            return
+
+
+def collect(outputs) -> tuple[str, Output]:
+    """The whole text and the final Output of an iterable of Outputs."""
+    text, last = [], None
+    for out in outputs:
+        text.append(out.text)
+        last = out
+    return "".join(text), last

@@ -1,0 +1,115 @@
+"""`qwen2audio serve`: the OpenAI-compatible server and web page (registered by qwen2audio.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__}: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def register(subparsers) -> dict:
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with a web page (continuous batching)",
+        description="Serve the model over HTTP: POST /v1/chat/completions (streamed or not, audio as input_audio "
+                    "or audio_url parts), POST /v1/audio/transcriptions, GET /v1/models, /health, /metrics, and a "
+                    "chat page with audio upload and microphone recording at /. There is no authentication: "
+                    "keep the default 127.0.0.1 bind unless a proxy in front of it controls access.",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="DIR", default=None,
+                       help="checkpoint directory in the Hugging Face layout; default: the bundled model")
+    model.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: auto)")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weight and compute dtype (default: auto = float32 on cpu, stored dtype on cuda)")
+    model.add_argument("--truncate", action="store_true",
+                       help="keep only the first 30 s of every audio, like the reference implementation")
+    model.add_argument("--served-model-name", metavar="NAME", default=None,
+                       help="the model id clients send and /v1/models lists (default: the directory's name)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    net.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--max-batch", type=_positive(int), default=16, metavar="N",
+                     help="KV-cache slots = most requests decoded together (default: 16)")
+    eng.add_argument("--max-model-len", type=_positive(int), default=None, metavar="TOKENS",
+                     help="prompt + answer tokens per request, the size of one slot (default: the model's "
+                          "positions, at most 4096)")
+    eng.add_argument("--kv-cache-gb", type=_positive(float), default=None, metavar="GB",
+                     help="memory budget for the KV cache; fewer slots than --max-batch when it is smaller")
+    eng.add_argument("--max-queue", type=_positive(int), default=256, metavar="N",
+                     help="requests waiting for a slot before new ones get HTTP 429 (default: 256)")
+    eng.add_argument("--audio-cache-mb", type=float, default=256, metavar="MB",
+                     help="memory for encoded audio reused across requests, e.g. by every turn of a "
+                          "conversation (default: 256; 0 disables)")
+    lim = p.add_argument_group("request limits")
+    lim.add_argument("--max-request-mb", type=_positive(float), default=32, metavar="MB",
+                     help="largest request body; larger ones get HTTP 413 (default: 32)")
+    lim.add_argument("--max-audio-seconds", type=_positive(float), default=600, metavar="S",
+                     help="decoded audio per request, all clips together (default: 600)")
+    lim.add_argument("--max-audios", type=_positive(int), default=8, metavar="N",
+                     help="audio parts per request (default: 8)")
+    lim.add_argument("--default-max-tokens", type=_positive(int), default=1024, metavar="N",
+                     help="answer length when a request gives no max_tokens (default: 1024, capped by "
+                          "--max-model-len)")
+    media = p.add_argument_group("audio sources beyond inline base64")
+    media.add_argument("--allowed-local-media-path", metavar="DIR", default=None,
+                       help="allow file:// URLs and paths, but only to files under DIR (symlinks resolved)")
+    media.add_argument("--allow-remote-audio", action="store_true",
+                       help="allow http(s):// audio URLs; the server then fetches them itself")
+    media.add_argument("--remote-audio-timeout", type=_positive(float), default=10, metavar="S",
+                       help="timeout for fetching remote audio (default: 10)")
+    media.add_argument("--max-audio-mb", type=_positive(float), default=32, metavar="MB",
+                       help="largest fetched or local audio file (default: 32)")
+    return {"serve": cmd_serve}
+
+
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from .. import api
+    from ..cli import UserError, _device
+    from ..engine.llm_engine import LLMEngine
+    from .app import ServerConfig, create_app
+    from .media import MediaPolicy
+
+    try:
+        policy = MediaPolicy(allowed_local_dir=args.allowed_local_media_path, allow_remote=args.allow_remote_audio,
+                             remote_timeout=args.remote_audio_timeout, max_audio_bytes=int(args.max_audio_mb * 2**20))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.host not in LOOPBACK:
+        print(f"warning: binding {args.host}: the server has no authentication; anyone who can reach this "
+              f"address can use the model", file=sys.stderr, flush=True)
+    directory = Path(args.model) if args.model is not None else api.bundled_model_dir()
+    print(f"Loading model from {directory or 'the bundled model'} ...", file=sys.stderr, flush=True)
+    pipe = api.load(args.model, device=_device(args.device), dtype=args.dtype, progress=True, truncate=args.truncate)
+    engine = LLMEngine(pipe.model, pipe.tokenizer, pipe.stop_ids, max_batch=args.max_batch,
+                       max_model_len=args.max_model_len,
+                       kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
+                       max_queue=args.max_queue, audio_cache_bytes=int(args.audio_cache_mb * 2**20),
+                       n_mels=pipe.processor.n_mels)
+    name = args.served_model_name or (directory.resolve().name if directory else "qwen2audio")
+    print(f"KV cache: {engine.num_slots} slots x {engine.max_len} tokens ({engine.kv_cache_bytes / 2**20:.0f} MiB); "
+          f"serving {name!r} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    config = ServerConfig(model_name=name, max_request_bytes=int(args.max_request_mb * 2**20),
+                          max_audio_seconds=args.max_audio_seconds, max_audios=args.max_audios,
+                          default_max_tokens=args.default_max_tokens, truncate=args.truncate, media=policy)
+    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
