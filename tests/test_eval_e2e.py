@@ -508,3 +508,21 @@ def test_user_errors_are_one_line(bench, tmp_path, capsys):
     with server.running():
         assert run_eval("vsc", bench, out, "--endpoint", server.url) == 0
     assert json.loads((out / "summary.json").read_text())["metrics"]["sources"]["vocalsound"]["correct"] == 1
+
+
+# ---- through the project's own server -----------------------------------------------------------
+@pytest.mark.parametrize("task", ["asr", "airbench-foundation"])
+def test_task_with_our_server(task, bench, tiny_checkpoint, pipe, tmp_path):
+    from server_harness import start_server
+
+    server = start_server(tiny_checkpoint[0])
+    try:
+        assert run_eval(task, bench, tmp_path, "--endpoint", server.url + "/v1") == 0
+    finally:
+        server.close()
+    check_outputs(task, tmp_path)
+    items = dataset(task, bench)
+    for r in results(tmp_path):
+        it = items[r["item_key"]]
+        text = text_after_audio(it.text) if task in RAW_TASKS else it.text
+        assert r["response"] == pipe.chat(chat_turn(text, load_audio(it.audio)), max_new_tokens=TOKENS)

@@ -254,16 +254,23 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream_chat(rid, seq, bridge, req.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        result, failure = await answer_or_failure("chat", request, seq, bridge)
+        if failure is not None:
+            return failure
+        text, last = result
+        return completion(rid, config.model_name, text, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    async def answer_or_failure(endpoint: str, request: Request, seq: Sequence, bridge: _Bridge):
+        """Wait for a whole answer: ((text, last), None), or (None, response) when the client left or generation failed."""
         result = await gather(request, seq, bridge)
         if result is None:
-            metrics.record("chat", 499)
-            return Response(status_code=499)
-        text, last = result
-        if last.finish_reason == "error":
-            metrics.record("chat", 500)
-            return JSONResponse(error_body(500, last.error or "generation failed"), status_code=500)
-        metrics.record("chat", 200, **timings(seq))
-        return completion(rid, config.model_name, text, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+            metrics.record(endpoint, 499)
+            return None, Response(status_code=499)
+        if result[1].finish_reason == "error":
+            metrics.record(endpoint, 500)
+            return None, JSONResponse(error_body(500, result[1].error or "generation failed"), status_code=500)
+        metrics.record(endpoint, 200, **timings(seq))
+        return result, None
 
     async def stream_chat(rid: str, seq: Sequence, bridge: _Bridge, include_usage: bool):
         created, model, done = int(time.time()), config.model_name, False
@@ -331,16 +338,10 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         except APIError as e:
             metrics.record("transcriptions", e.status)
             return error_response(e)
-        result = await gather(request, seq, bridge)
-        if result is None:
-            metrics.record("transcriptions", 499)
-            return Response(status_code=499)
-        text, last = result
-        if last.finish_reason == "error":
-            metrics.record("transcriptions", 500)
-            return JSONResponse(error_body(500, last.error or "generation failed"), status_code=500)
-        metrics.record("transcriptions", 200, **timings(seq))
-        text = strip_tags(text)
+        result, failure = await answer_or_failure("transcriptions", request, seq, bridge)
+        if failure is not None:
+            return failure
+        text = strip_tags(result[0])
         if fmt == "text":
             return PlainTextResponse(text)
         return {"text": text, "usage": {"type": "tokens", "input_tokens": last.prompt_tokens,
