@@ -341,7 +341,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         result, failure = await answer_or_failure("transcriptions", request, seq, bridge)
         if failure is not None:
             return failure
-        text = strip_tags(result[0])
+        text, last = strip_tags(result[0]), result[1]
         if fmt == "text":
             return PlainTextResponse(text)
         return {"text": text, "usage": {"type": "tokens", "input_tokens": last.prompt_tokens,
