@@ -81,11 +81,13 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: b
     tie_flag = cfg.text_config.tie_word_embeddings or bool(cfg.extra.get("tie_word_embeddings"))
     state: dict[str, torch.Tensor] = {}
     bar = _progress(files, progress, directory.name)
-    for file in bar:
+    for file in files:
         try:
-            _read_shard(file, state, device, dtype)
+            _read_shard(file, state, device, dtype, bar)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    if bar is not None:
+        bar.close()
     tied = tie_flag and LM_HEAD not in state
     if tied:
         expected.discard(LM_HEAD)
@@ -114,12 +116,14 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: b
     return model
 
 
-def _read_shard(file: Path, state: dict, device, dtype) -> None:
+def _read_shard(file: Path, state: dict, device, dtype, bar=None) -> None:
     with safe_open(str(file), framework="pt", device="cpu") as f:
         for key in f.keys():
             tensor = f.get_tensor(key)  # memory-mapped
             target = dtype or (tensor.dtype if tensor.is_floating_point() else None)
             state[canonical_key(key)] = tensor.to(device=device, dtype=target) if target else tensor.to(device)
+            if bar is not None:
+                bar.update(tensor.numel() * tensor.element_size())
 
 
 def save_model(model, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -173,12 +177,14 @@ def _short(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
 
 
-def _progress(files, enabled: bool, label: str):
-    if not enabled or len(files) < 1:
-        return files
+def _progress(files: list[Path], enabled: bool, label: str):
+    """A byte-level bar (a 16 GB checkpoint is often one or a few shards), or None."""
+    if not enabled:
+        return None
     from tqdm import tqdm
 
-    return tqdm(files, desc=f"loading {label}", unit="shard", leave=False)
+    total = sum(f.stat().st_size for f in files)
+    return tqdm(total=total, desc=f"loading {label}", unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "canonical_key", "shard_files"]
