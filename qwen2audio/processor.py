@@ -22,6 +22,42 @@ from .tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Tokenizer
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
+def decode_and_window(clips: list, sampling_rate: int | None = None, truncate: bool = False):
+    """Decode every clip and cut it into 30 s windows.
+
+    Returns (windows, replacements, seconds): the windows in order, for each clip the text that
+    replaces its <|AUDIO|> placeholder (one audio block per window, with the right token count),
+    and the total decoded duration.
+    """
+    windows, replacements, seconds = [], [], 0.0
+    for i, clip in enumerate(clips):
+        try:
+            wav = load_audio(clip, sampling_rate)
+        except AudioError as e:
+            raise AudioError(f"audio {i + 1}: {e}") from None
+        seconds += len(wav) / SAMPLE_RATE
+        parts = split_windows(wav, truncate=truncate)
+        counts = [num_audio_tokens(num_valid_frames(len(p))) for p in parts]
+        if min(counts) <= 0:
+            raise AudioError(f"audio {i + 1}: too short to give any audio token")
+        windows.extend(parts)
+        replacements.append(f"{AUDIO_EOS}{AUDIO_BOS}".join(AUDIO * n for n in counts))
+    return windows, replacements, seconds
+
+
+def expand_placeholders(texts: list[str], replacements: list[str]) -> list[str]:
+    """Replace the k-th <|AUDIO|> across all texts with replacements[k]."""
+    expanded, k = [], 0
+    for text in texts:
+        pieces = text.split(AUDIO)
+        out = [pieces[0]]
+        for piece in pieces[1:]:
+            out += [replacements[k], piece]
+            k += 1
+        expanded.append("".join(out))
+    return expanded
+
+
 class BatchInputs(dict):
     """Model inputs as a dict (``model(**inputs)``) with attribute access and ``.to(device)``."""
 
@@ -97,29 +133,8 @@ class Qwen2AudioProcessor:
         if n_slots != len(clips):
             raise ValueError(f"the text has {n_slots} {AUDIO} placeholder(s) but {len(clips)} audio(s) were given")
 
-        # Decode every clip, cut each into 30 s windows, and expand its placeholder accordingly.
-        windows, replacements = [], []
-        for i, clip in enumerate(clips):
-            try:
-                wav = load_audio(clip, sampling_rate)
-            except AudioError as e:
-                raise AudioError(f"audio {i + 1}: {e}") from None
-            parts = split_windows(wav, truncate=truncate)
-            counts = [num_audio_tokens(num_valid_frames(len(p))) for p in parts]
-            if min(counts) <= 0:
-                raise AudioError(f"audio {i + 1}: too short to give any audio token")
-            windows.extend(parts)
-            replacements.append(f"{AUDIO_EOS}{AUDIO_BOS}".join(AUDIO * n for n in counts))
-        expanded, k = [], 0
-        for t in texts:
-            pieces = t.split(AUDIO)
-            out = [pieces[0]]
-            for piece in pieces[1:]:
-                out += [replacements[k], piece]
-                k += 1
-            expanded.append("".join(out))
-
-        ids = self.tokenizer.encode_batch(expanded)
+        windows, replacements, _ = decode_and_window(clips, sampling_rate, truncate)
+        ids = self.tokenizer.encode_batch(expand_placeholders(texts, replacements))
         result = BatchInputs(self._pad(ids, padding))
         if windows:
             feats, mask = log_mel_spectrogram(windows, self.n_mels, device=device)

@@ -1,7 +1,7 @@
 """One request's prompt as the engine consumes it: expanded token ids plus 30 s audio windows.
 
-This mirrors `Qwen2AudioProcessor.__call__` for a single prompt (same placeholder expansion, same
-token ids) but stops before the log-mel features: the engine computes features and encodings
+This is `Qwen2AudioProcessor.__call__` for a single prompt (the same decoding, windowing and
+placeholder expansion, so the same token ids) but it stops before the log-mel features: the engine computes features and encodings
 only for windows that are not already in its encoded-audio cache, keyed by `window_key`.
 """
 
@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..audio import AudioError, load_audio
 from ..chat import render_chat
-from ..features import SAMPLE_RATE, num_audio_tokens, num_valid_frames, split_windows
-from ..tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Tokenizer
+from ..processor import decode_and_window, expand_placeholders
+from ..tokenizer import AUDIO, Tokenizer
 
 
 @dataclass
@@ -43,24 +42,8 @@ def prepare_prompt(tokenizer: Tokenizer, text: str, clips: list, truncate: bool 
     n_slots = text.count(AUDIO)
     if n_slots != len(clips):
         raise ValueError(f"the text has {n_slots} {AUDIO} placeholder(s) but {len(clips)} audio(s) were given")
-    windows, replacements, seconds = [], [], 0.0
-    for i, clip in enumerate(clips):
-        try:
-            wav = load_audio(clip)
-        except AudioError as e:
-            raise AudioError(f"audio {i + 1}: {e}") from None
-        seconds += len(wav) / SAMPLE_RATE
-        parts = split_windows(wav, truncate=truncate)
-        counts = [num_audio_tokens(num_valid_frames(len(p))) for p in parts]
-        if min(counts) <= 0:
-            raise AudioError(f"audio {i + 1}: too short to give any audio token")
-        windows.extend(parts)
-        replacements.append(f"{AUDIO_EOS}{AUDIO_BOS}".join(AUDIO * n for n in counts))
-    pieces = text.split(AUDIO)
-    expanded = [pieces[0]]
-    for replacement, piece in zip(replacements, pieces[1:]):
-        expanded += [replacement, piece]
-    ids = tokenizer.encode("".join(expanded))
+    windows, replacements, seconds = decode_and_window(clips, truncate=truncate)
+    ids = tokenizer.encode(expand_placeholders([text], replacements)[0])
     return PromptInputs(ids=ids, windows=windows, keys=[window_key(w) for w in windows], audio_seconds=seconds)
 
 

@@ -1,0 +1,1 @@
+"""Converters from third-party checkpoint formats to this package's state dicts."""
