@@ -28,7 +28,6 @@ import io
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -249,7 +248,7 @@ def main() -> None:
     tmp.cleanup()
     rows = {name: max(rs, key=lambda x: x[0]) for name, rs in runs.items()}
 
-    print(f"\n| system | generated tok/s | TTFT p50 (s) | TTFT p95 (s) | wall (s) | other load |")
+    print("\n| system | generated tok/s | TTFT p50 (s) | TTFT p95 (s) | wall (s) | other load |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (rate, tt, wall, load) in rows.items():
         print(f"| {name} | {rate:.1f} | {percentile(tt, 50):.2f} | {percentile(tt, 95):.2f} | {wall:.1f} | "

@@ -7,7 +7,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from server_harness import MODEL, b64, input_audio, start_server, wav_bytes
+from server_harness import MODEL, input_audio, start_server, wav_bytes
 from tiny import sine
 
 LIMITS = dict(max_request_bytes=1 << 20, max_audios=2, max_audio_seconds=20)
