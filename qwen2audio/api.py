@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .chat import TASK_PROMPTS, asr_prompt, raw_prompt
+from .chat import asr_prompt, raw_prompt
 from .engine import SamplingParams, generate_steps
 from .model import Qwen2AudioModel
 from .processor import Qwen2AudioProcessor
@@ -165,8 +166,7 @@ class _Answer:
 
 
 def strip_tags(text: str) -> str:
-    import re
-
+    """Remove `<|...|>` tags such as the ASR language tag."""
     return re.sub(r"<\|[^|>]*\|>", "", text).strip()
 
 
@@ -195,4 +195,4 @@ def load(path: str | Path | None = None, device: str | None = None, dtype=None, 
     return Pipeline(model, processor, stop_ids_from(directory, processor), truncate=truncate)
 
 
-__all__ = ["Pipeline", "load", "TASK_PROMPTS"]
+__all__ = ["Pipeline", "load", "strip_tags"]
