@@ -143,16 +143,22 @@ def test_client_disconnect_frees_its_slot(server):
             assert any('"content"' in line for line in got)
             assert httpx.get(f"{server.url}/health").json()["running"] == 1
         # leaving the block closes the connection mid-stream
+    text = wait_for_cancellations(server, cancelled + 1)
+    assert metric(text, "qwen2audio_kv_cache_free_slots") == metric(text, "qwen2audio_kv_cache_slots")
+    assert metric(text, 'qwen2audio_requests_total{endpoint="chat",status="499"}') >= 1
+
+
+def wait_for_cancellations(server, expected: int) -> str:
+    """Poll /metrics until the engine has cancelled `expected` requests and runs none; return the metrics text."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         text = httpx.get(f"{server.url}/metrics").text
-        if metric(text, 'qwen2audio_engine_finished_total{reason="cancelled"}') == cancelled + 1:
+        if metric(text, 'qwen2audio_engine_finished_total{reason="cancelled"}') == expected:
             break
         time.sleep(0.05)
-    assert metric(text, 'qwen2audio_engine_finished_total{reason="cancelled"}') == cancelled + 1
+    assert metric(text, 'qwen2audio_engine_finished_total{reason="cancelled"}') == expected
     assert metric(text, "qwen2audio_running_requests") == 0
-    assert metric(text, "qwen2audio_kv_cache_free_slots") == metric(text, "qwen2audio_kv_cache_slots")
-    assert metric(text, 'qwen2audio_requests_total{endpoint="chat",status="499"}') >= 1
+    return text
 
 
 def test_non_streamed_request_is_cancelled_when_the_client_gives_up(server):
@@ -161,14 +167,7 @@ def test_non_streamed_request_is_cancelled_when_the_client_gives_up(server):
             "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        text = httpx.get(f"{server.url}/metrics").text
-        if metric(text, 'qwen2audio_engine_finished_total{reason="cancelled"}') == cancelled + 1:
-            break
-        time.sleep(0.05)
-    assert metric(text, 'qwen2audio_engine_finished_total{reason="cancelled"}') == cancelled + 1
-    assert metric(text, "qwen2audio_running_requests") == 0
+    text = wait_for_cancellations(server, cancelled + 1)
 
 
 def test_sampling_options_over_http(server, pipe):
