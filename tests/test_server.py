@@ -167,7 +167,7 @@ def test_non_streamed_request_is_cancelled_when_the_client_gives_up(server):
             "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
-    text = wait_for_cancellations(server, cancelled + 1)
+    wait_for_cancellations(server, cancelled + 1)
 
 
 def test_sampling_options_over_http(server, pipe):
