@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_core import SIZES, Background, build_reference, chat, clip, save_checkpoint  # noqa: E402
+from bench_core import SIZES, Background, StepClock, build_reference, chat, clip, save_checkpoint  # noqa: E402
 
 from qwen2audio.processor import Qwen2AudioProcessor  # noqa: E402
 
@@ -134,13 +134,6 @@ async def run_ours(url: str, bodies: list[dict]):
 
 
 # ---- transformers -------------------------------------------------------------------------------
-class StepClock:
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
 
 
 def hf_generate(ref, inputs, n: int, pad_id: int):

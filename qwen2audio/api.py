@@ -39,6 +39,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class DeviceError(ValueError):
+    """A --device the machine cannot provide."""
+
+
+def check_device(option: str) -> torch.device:
+    """Parse `auto`, `cpu`, `cuda` or `cuda:N` and check this machine has it (auto: cuda when available)."""
+    if option == "auto":
+        option = default_device()
+    try:
+        device = torch.device(option)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"invalid device {option!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {option}: CUDA is not available on this machine")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise DeviceError(f"device {option}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device {option!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def stop_ids_from(directory: Path, processor: Qwen2AudioProcessor) -> set[int]:
     """End-of-turn ids: generation_config.json's eos ids, plus <|im_end|> and <|endoftext|>."""
     tok = processor.tokenizer

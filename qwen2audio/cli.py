@@ -186,21 +186,12 @@ def _sampling(args):
 
 
 def _device(name: str) -> str | None:
+    """None for auto (load() picks), else the checked device name."""
     if name == "auto":
         return None
-    import torch
+    from .api import check_device
 
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"invalid --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif device.type != "cpu":
-        raise UserError(f"unsupported --device {name!r}; use auto, cpu, cuda or cuda:N")
+    check_device(name)  # DeviceError is a ValueError: reported as one line
     return name
 
 

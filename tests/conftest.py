@@ -14,3 +14,13 @@ def tiny_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_base")
     model, tok = save_reference_checkpoint(directory, "base")
     return directory, model, tok
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    """The real server (uvicorn in a thread) on 127.0.0.1 over the tiny checkpoint, per test module."""
+    from server_harness import start_server
+
+    srv = start_server(tiny_checkpoint[0])
+    yield srv
+    srv.close()

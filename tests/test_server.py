@@ -10,17 +10,10 @@ import time
 
 import httpx
 import pytest
-from server_harness import MODEL, audio_url, input_audio, metric, start_server, wav_bytes
+from server_harness import MODEL, audio_url, input_audio, metric, wav_bytes
 from tiny import sine
 
 import qwen2audio
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    srv = start_server(tiny_checkpoint[0])
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ send, watch the answer stream in, and compare it with the Python API's greedy an
 import os
 
 import pytest
-from server_harness import MODEL, input_audio, start_server, wav_bytes
+from server_harness import MODEL, input_audio, wav_bytes
 from tiny import sine
 
 import qwen2audio
@@ -24,13 +24,6 @@ WATCH = """() => {
     if (all.length) window.__lengths.push(all[all.length - 1].textContent.length);
   }).observe(document.getElementById('history'), {subtree: true, childList: true, characterData: true});
 }"""
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    srv = start_server(tiny_checkpoint[0])
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")

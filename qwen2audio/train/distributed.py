@@ -16,9 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-
-class DeviceError(ValueError):
-    """A device option this machine cannot honour."""
+from ..api import DeviceError, check_device
 
 
 @dataclass
@@ -68,21 +66,9 @@ class Dist:
 
 
 def resolve_device(option: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
-    if option == "auto":
-        option = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(option)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"invalid device {option!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {option}: CUDA is not available on this machine")
-        if distributed:  # one GPU per process
-            device = torch.device("cuda", local_rank)
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise DeviceError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif device.type != "cpu":
-        raise DeviceError(f"unsupported device {option!r}; use auto, cpu, cuda or cuda:N")
+    device = check_device(option)
+    if device.type == "cuda" and distributed:  # one GPU per process
+        device = check_device(f"cuda:{local_rank}")
     return device
 
 
