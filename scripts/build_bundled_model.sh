@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the small bundled Qwen2-Audio model (issue 6) from scratch, on CPU:
 #   synth corpus (--size small) -> init (own BPE + Whisper tiny.en encoder + random small Qwen2 decoder)
-#   -> pretrain -> SFT -> DPO pairs from the SFT model's greedy answers -> DPO -> held-out exact match.
+#   -> pretrain -> SFT -> DPO pairs from the SFT model's greedy answers -> DPO -> fp16 release
+#   -> `qwen2audio eval` on the held-out sets + DPO preference accuracy (WORK/quality.json).
 #
 #   scripts/build_bundled_model.sh                 # everything into runs/bundle (hours on 2 cores)
 #   WORK=/data/bundle PRETRAIN_STEPS=500 scripts/build_bundled_model.sh
-#   INSTALL=1 scripts/build_bundled_model.sh       # also copy the DPO model into qwen2audio/assets/model
+#   INSTALL=1 scripts/build_bundled_model.sh       # also install the release + model card as qwen2audio/assets/model
 #
 # Re-running the same command continues an interrupted build: the corpus keeps its rendered files,
 # finished steps are skipped (OUTPUT/.bundle_done) and a killed training stage resumes from its latest
@@ -51,15 +52,7 @@ args=(--work "$WORK" --size "$SIZE" --seed "$SEED" --jobs "$JOBS" --vocab-size "
       --dpo-limit "$DPO_LIMIT" --eval-limit "$EVAL_LIMIT")
 [ -n "$SOURCES" ] && args+=(--sources "$SOURCES")
 [ -n "$WHISPER_BIN" ] && args+=(--whisper-bin "$WHISPER_BIN")
+[ "$INSTALL" = 1 ] && args+=(--install qwen2audio/assets/model)
 
 TOKENIZERS_PARALLELISM=false python -m qwen2audio.bundle "${args[@]}"
 
-if [ "$INSTALL" = 1 ]; then
-    dest=qwen2audio/assets/model
-    rm -rf "$dest" && mkdir -p "$dest"
-    for f in config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json \
-             preprocessor_config.json chat_template.json; do
-        cp "$WORK/dpo/$f" "$dest/"
-    done
-    echo "installed $WORK/dpo into $dest"
-fi

@@ -1,7 +1,8 @@
 """The bundled-model recipe end to end at toy scale: tiny sounds-only corpus, 400-token BPE, a 2-layer
 64-wide decoder on the real Whisper tiny.en encoder, a few steps of pretrain -> SFT -> DPO (the DPO
-run is stopped after its first step and resumed, as after a kill), DPO pairs, held-out eval.
-About 45 s on 2 cores; the training stages run as `python -m qwen2audio train` subprocesses."""
+run is stopped after its first step and resumed, as after a kill), DPO pairs, fp16 release, held-out
+`qwen2audio eval` runs, preference accuracy, model card. About a minute on 2 cores; the training stages
+and evaluations run as `python -m qwen2audio ...` subprocesses."""
 
 from __future__ import annotations
 
@@ -43,12 +44,12 @@ def _metrics(stage_dir: Path) -> list[dict]:
 def toy(tmp_path_factory):
     work = tmp_path_factory.mktemp("bundle")
     recipe = Recipe(
-        work=work, size="tiny", sources="sounds", jobs=2, whisper_bin=_whisper_bin(), vocab_size=400, dims=TOY_DIMS,
+        work=work, size="sound=30", sources="sounds", jobs=2, whisper_bin=_whisper_bin(), vocab_size=400, dims=TOY_DIMS,
         pretrain=StageSettings(max_steps=STEPS["pretrain"], lr=2e-3, batch_size=2),
         sft=StageSettings(max_steps=STEPS["sft"], lr=2e-3, batch_size=2),
         # The first DPO run stops after step 1 with a checkpoint only, like a killed run.
         dpo=StageSettings(max_steps=STEPS["dpo"], lr=1e-4, batch_size=2, stop_at_step=1, extra=("--set", "beta=0.1")),
-        dpo_limit=8, eval_limit=2, use_eval_data=False)
+        dpo_limit=8, eval_limit=4, use_eval_data=False, install_dir=work / "installed")
     with pytest.raises(StageIncomplete):
         run_pipeline(recipe)
     dpo_dir = work / "dpo"
@@ -123,9 +124,39 @@ def test_every_stage_trains_loads_and_answers(toy):
         llm = [k for k in weights if k.startswith("language_model.")]
         assert any(not torch.equal(weights[k], previous[k]) for k in llm), f"{stage} did not change the decoder"
         previous = weights
-    for stage in ("sft", "dpo"):
-        result = json.loads((toy["work"] / f"eval_{stage}.json").read_text())
-        assert result["records"] >= 1 and 0.0 <= result["exact_match"] <= 1.0
+
+
+def test_release_is_the_dpo_model_in_fp16_and_installs_with_a_card(toy):
+    out = toy["out"]
+    dpo, release = load_file(out["dpo"] / "model.safetensors"), load_file(out["release"] / "model.safetensors")
+    assert set(dpo) == set(release)
+    assert all(release[k].dtype == torch.float16 and torch.equal(release[k], dpo[k].half()) for k in dpo)
+    installed = out["installed"]
+    assert {p.name for p in installed.iterdir()} == {p.name for p in out["release"].iterdir()} | {"README.md"}
+    card = (installed / "README.md").read_text()
+    assert "| sound-event classification | `vsc` |" in card and "preference accuracy" in card
+    quality = json.loads((toy["work"] / "quality.json").read_text())
+    assert f"SFT {100 * quality['preference']['sft']['accuracy']:.1f} %" in card
+    pipe = qwen2audio.load(installed, device="cpu", progress=False)
+    assert next(pipe.model.parameters()).dtype == torch.float32  # fp16 on disk, float32 on CPU
+
+
+def test_quality_is_measured_with_qwen2audio_eval(toy):
+    work, corpus = toy["work"], toy["corpus"]
+    quality = json.loads((work / "quality.json").read_text())
+    # sounds-only corpus: no speech, music or voice chat, so only these sets exist
+    assert set(quality["eval"]["pretrain"]) == {"sound"}
+    assert set(quality["eval"]["sft"]) == set(quality["eval"]["release"]) == {"sound", "analysis"}
+    for stage, sets in quality["eval"].items():
+        for name, r in sets.items():
+            summary = json.loads((work / "eval" / stage / name / "summary.json").read_text())
+            sources = summary["metrics"]["sources"].values()
+            assert r["n"] == summary["answered"] == sum(s["n"] for s in sources) > 0
+            assert r["value"] == sum(s["correct"] for s in sources) / r["n"]
+    heldout_pairs = (corpus / "dpo_pairs_heldout.jsonl").read_text().splitlines()
+    for stage in ("sft", "release"):
+        pref = quality["preference"][stage]
+        assert pref["pairs"] == len(heldout_pairs) > 0 and 0.0 <= pref["accuracy"] <= 1.0
 
 
 def test_dpo_run_was_stopped_then_resumed(toy):

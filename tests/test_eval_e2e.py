@@ -123,6 +123,9 @@ def bench(tmp_path_factory) -> Path:
                                  "source": "meld", "gt": g} for i, g in enumerate(["happy", "sad", "neutral"])])
     _jsonl(root / "vsc.jsonl", [{"audio": f"audio/c{i}.wav", "prompt": "Classify the human vocal sound to VocalSound in "
                                  "English:", "source": "vocalsound", "gt": g} for i, g in enumerate(["Cough", "Laughter"])])
+    _jsonl(root / "qa.jsonl", [  # an audio-analysis question, and voice chat (no question: it is in the audio)
+        {"audio": "audio/c0.wav", "question": "What is the pitch?", "source": "tones", "gt": "300 hertz."},
+        {"audio": "audio/c1.wav", "source": "voice_chat", "gt": "2 plus 2 is 4."}])
     # AIR-Bench foundation: one entry names .wav while the file is .flac (the quirk), one has no audio
     found = root / "AIR-Bench" / "Foundation"
     _wav(found / "Sound_AQA_clotho" / "a.wav", 0.8, 440)
@@ -160,9 +163,9 @@ def bench(tmp_path_factory) -> Path:
     return root
 
 
-DATA = {"asr": "asr.jsonl", "s2tt": "s2tt.jsonl", "ser": "ser.jsonl", "vsc": "vsc.jsonl",
+DATA = {"asr": "asr.jsonl", "s2tt": "s2tt.jsonl", "ser": "ser.jsonl", "vsc": "vsc.jsonl", "audio-qa": "qa.jsonl",
         "airbench-foundation": "AIR-Bench", "airbench-chat": "AIR-Bench", "mmau": "mmau/mmau-test-mini.json"}
-EXPECTED = {"asr": (3, 1), "s2tt": (2, 0), "ser": (3, 0), "vsc": (2, 0), "airbench-foundation": (3, 1),
+EXPECTED = {"asr": (3, 1), "s2tt": (2, 0), "ser": (3, 0), "vsc": (2, 0), "audio-qa": (2, 0), "airbench-foundation": (3, 1),
             "mmau": (3, 0)}  # (answered, audio problems)
 
 
@@ -196,7 +199,8 @@ def check_outputs(task, out: Path) -> dict:
 
 
 def chat_turn(text, wav):
-    return [{"role": "user", "content": [{"type": "audio", "audio": wav}, {"type": "text", "text": text}]}]
+    """One user turn: the audio, then the text (none: voice chat)."""
+    return [{"role": "user", "content": [{"type": "audio", "audio": wav}] + ([{"type": "text", "text": text}] if text else [])}]
 
 
 # ---- every task, in process --------------------------------------------------------------------
@@ -228,6 +232,9 @@ def test_task_with_model(task, bench, tiny_checkpoint, pipe, tmp_path):
         assert set(rows[0]) >= {"path", "question", "choice_a", "choice_d", "answer_gt", "task_name", "dataset_name"}
     if task == "mmau":
         assert rows[0]["model_prediction"] == rows[0]["response"]
+    if task == "audio-qa":
+        assert [r["question"] for r in rows] == ["What is the pitch?", ""]
+        assert set(summary["metrics"]["sources"]) == {"tones", "voice_chat"}
 
 
 # ---- every task, through an OpenAI-compatible server --------------------------------------------
@@ -241,7 +248,8 @@ def test_task_with_endpoint(task, bench, pipe, tmp_path):
     sent = {}
     for p in server.payloads:
         assert (p["model"], p["max_tokens"], p["temperature"]) == ("fake-model", TOKENS, 0.0)
-        audio, text = p["messages"][0]["content"]
+        audio, *text = p["messages"][0]["content"]
+        text = text[0] if text else {"text": ""}  # voice chat sends the audio alone
         assert audio["type"] == "input_audio" and audio["input_audio"]["format"] == "wav"
         wav, sr = sf.read(io.BytesIO(base64.b64decode(audio["input_audio"]["data"])), dtype="float32")
         assert sr == 16000

@@ -4,9 +4,10 @@ this module was written), AIR-Bench / MMAU answer parsing, judge parsing and buc
 
 import pytest
 
-from qwen2audio.eval import choice, judge, metrics
+from qwen2audio.eval import choice, data, judge, metrics
 from qwen2audio.eval.cn_tn import normalize_chinese, spell_number
 from qwen2audio.eval.report import paper_reference
+from qwen2audio.eval.tasks import score_qa
 
 
 # ---- ASR normalisation -------------------------------------------------------------------------
@@ -133,6 +134,29 @@ def test_label_accuracy_left_strips_and_counts_confusions():
     out = metrics.label_accuracy(["happy", "sad", "sad", "neutral"], [" happy", "sad ", "happy", "I think neutral"])
     assert (out["correct"], out["total"]) == (1, 4)  # 'sad ' keeps its trailing space: not a match
     assert out["confusion"] == {"happy": {"happy": 1}, "neutral": {"<other>": 1}, "sad": {"<other>": 1, "happy": 1}}
+
+
+def test_qa_scores_exact_answers_per_source_without_a_confusion_table():
+    rows = [{"source": "chat", "gt": "2 plus 2 is 4.", "response": " 2 plus 2 is 4."},
+            {"source": "chat", "gt": "2 plus 3 is 5.", "response": "2 plus 3 is 6."},
+            {"source": "sounds", "gt": "A siren.", "response": "a siren."}]  # case counts
+    assert score_qa(rows) == {"sources": {"chat": {"n": 2, "correct": 1, "total": 2, "accuracy": 0.5},
+                                          "sounds": {"n": 1, "correct": 0, "total": 1, "accuracy": 0.0}}}
+
+
+def test_qa_reader_voice_chat_items_and_bad_lines(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"audio": "a.wav", "source": "s", "gt": "x"}\n\n{"audio": "b.wav", "question": "Why?", '
+                    '"source": "s", "gt": "y"}\n')
+    items = data.read_qa_jsonl(path)
+    assert [(it.key, it.text, it.fields["question"]) for it in items] == [("1", "", ""), ("3", "Why?", "Why?")]
+    assert items[0].audio == str(tmp_path / "a.wav")
+    path.write_text('{"audio": "a.wav", "source": "s", "gt": "x", "question": 3}\n')
+    with pytest.raises(data.DataError, match="qa.jsonl:1: 'question' must be a string"):
+        data.read_qa_jsonl(path)
+    path.write_text('{"audio": "a.wav", "gt": "x"}\n')
+    with pytest.raises(data.DataError, match="missing field.*source"):
+        data.read_qa_jsonl(path)
 
 
 # ---- AIR-Bench foundation ----------------------------------------------------------------------

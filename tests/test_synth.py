@@ -17,6 +17,7 @@ from qwen2audio.cli import main
 from qwen2audio.synth import MissingToolError, SynthError, build_corpus, dsp, music, plan, questions, sounds, tts
 from qwen2audio.synth.asterisk import clips, parse_transcripts
 from qwen2audio.synth.build import check_sources
+from qwen2audio.synth.evalsets import EVAL_SETS, eval_file
 from qwen2audio.synth.render import mixture_parts
 from qwen2audio.synth.split import is_heldout, split_of
 
@@ -125,6 +126,30 @@ def test_heldout_never_overlaps_train(corpus):
                   for row in read_jsonl(root / name) for a in row.get("audios") or [row["audio"]]}
         assert audios == {x["audio"] for x in by_split[split]}
     assert {x["kind"] for x in by_split["heldout"]} == set(plan.KINDS)
+
+
+def test_eval_sets_hold_only_heldout_audio_and_read_as_their_tasks(corpus):
+    from qwen2audio.eval.tasks import get_task
+
+    root, manifest, items = corpus
+    heldout = {x["audio"]: x for x in items.values() if x["split"] == "heldout"}
+    for name, task in EVAL_SETS.items():
+        path = eval_file(root, name)
+        rows = read_jsonl(path)
+        assert manifest["files"][path.name] == len(rows)
+        assert {r["audio"] for r in rows} <= set(heldout), name
+        for it in get_task(task).read(path, None):  # the evaluator reads them, and every audio file exists
+            assert it.problem is None and (root / it.fields["audio_path"]).exists()
+    kinds = lambda name: {heldout[r["audio"]]["kind"] for r in read_jsonl(eval_file(root, name))}  # noqa: E731
+    assert (kinds("asr_synth"), kinds("asr_real"), kinds("sound"), kinds("instrument")) == (
+        {"speech"}, {"asterisk"}, {"sound"}, {"music"})
+    assert kinds("voice_chat") <= {"chat", "mixture"} and "chat" in kinds("voice_chat")
+    for r in read_jsonl(eval_file(root, "asr_synth")):
+        item = heldout[r["audio"]]
+        assert (r["gt"], r["source"]) == (item["text"], f"synth_{item['language']}")
+        assert r["prompt"].endswith(f"speech: <|{item['language']}|>")
+    for r in read_jsonl(eval_file(root, "voice_chat")):
+        assert r["question"] == "" and r["gt"] == heldout[r["audio"]]["question"]["answer"]
 
 
 def test_asterisk_transcripts():

@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..synth.evalsets import eval_file, write_eval_sets
+
 DONE = ".bundle_done"  # written into a stage's output folder when the stage finished
 STAGES = ("pretrain", "sft", "dpo")
 
@@ -302,20 +304,64 @@ def make_dpo_pairs(model_dir: str | Path, sft_jsonl: str | Path, out_jsonl: str 
     return stats
 
 
-# ---- 4. evaluation hook ------------------------------------------------------------------------
-def evaluate_heldout(model_dir: str | Path, heldout_jsonl: str | Path, out_json: str | Path, limit: int = 0,
-                     batch_size: int = 8, max_new_tokens: int = 48) -> dict:
-    """Exact match (case- and space-insensitive) of greedy answers on the held-out SFT records."""
-    out_json = Path(out_json)
-    if out_json.exists():
-        return json.loads(out_json.read_text())
-    rows = list(greedy_answers(model_dir, heldout_jsonl, limit, batch_size, max_new_tokens))
-    hits = sum(_same(a, label) for _, label, a in rows)
-    result = {"model": str(model_dir), "records": len(rows), "exact_match": hits / max(len(rows), 1),
-              "examples": [{"label": label, "answer": a} for _, label, a in rows[:20]]}
-    out_json.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    _log(f"eval {model_dir}: exact match {result['exact_match']:.3f} on {len(rows)} records")
-    return result
+# ---- 4. the release folder ----------------------------------------------------------------------
+RELEASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "chat_template.json")
+
+
+def export_release(model_dir: str | Path, out_dir: str | Path, dtype: str = "float16") -> Path:
+    """The shipped form of a trained model: weights in `dtype` plus its config, tokenizer and processor."""
+    import torch
+
+    from ..model import Qwen2AudioModel
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    tmp = _atomic_dir(out_dir)
+    model = Qwen2AudioModel.from_pretrained(model_dir)
+    model.save_pretrained(tmp, dtype=getattr(torch, dtype))
+    for name in RELEASE_FILES[1:]:
+        shutil.copy2(Path(model_dir) / name, tmp / name)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def measure(r: "Recipe", out: dict[str, Path]) -> dict:
+    """Held-out quality of the base, SFT and shipped models (WORK/quality.json; reused when there)."""
+    from .quality import RAW_SETS, evaluate_sets, preference_accuracy
+
+    path = r.work / "quality.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    evals = {"pretrain": evaluate_sets(out["pretrain"], r.corpus, r.work / "eval" / "pretrain", RAW_SETS)}
+    for stage in ("sft", "release"):
+        evals[stage] = evaluate_sets(out[stage], r.corpus, r.work / "eval" / stage)
+    pairs = r.corpus / "dpo_pairs_heldout.jsonl"
+    preference = {stage: preference_accuracy(out[stage], pairs) for stage in ("sft", "release")}
+    _log(f"preference accuracy on held-out pairs: SFT {preference['sft']['accuracy']:.3f} -> "
+         f"DPO {preference['release']['accuracy']:.3f}")
+    quality = {"eval": evals, "preference": preference}
+    path.write_text(json.dumps(quality, indent=1) + "\n")
+    return quality
+
+
+def install(r: "Recipe", release: Path, quality: dict, dest: str | Path) -> Path:
+    """Copy the release folder to `dest` (e.g. qwen2audio/assets/model) with its model card."""
+    from .card import write_model_card
+
+    dest = Path(dest)
+    tmp = _atomic_dir(dest)
+    for f in release.iterdir():
+        shutil.copy2(f, tmp / f.name)
+    stages = {s: json.loads((r.work / s / DONE).read_text()) for s in STAGES}
+    write_model_card(tmp / "README.md", quality, json.loads((r.work / "init" / "bundle_init.json").read_text()),
+                     json.loads((r.corpus / "manifest.json").read_text()), stages)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    _log(f"installed {release} with its model card into {dest}")
+    return dest
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -334,8 +380,9 @@ class Recipe:
     sft: StageSettings = None  # type: ignore[assignment]
     dpo: StageSettings = None  # type: ignore[assignment]
     dpo_limit: int = 800
-    eval_limit: int = 200
+    eval_limit: int = 200  # held-out SFT records turned into held-out DPO pairs
     use_eval_data: bool = True
+    install_dir: Path | None = None  # copy the release (with its model card) here
 
     def __post_init__(self):
         self.work = Path(self.work)
@@ -355,6 +402,8 @@ def run_pipeline(r: Recipe) -> dict[str, Path]:
     r.work.mkdir(parents=True, exist_ok=True)
     c = r.corpus
     build_corpus(c, r.size, r.seed, r.jobs, r.sources)
+    if not eval_file(c, "asr_synth").exists():  # a corpus built before the eval sets existed
+        write_eval_sets(c)
     out = {"init": init_model(c, r.work / "init", r.whisper_bin, r.vocab_size, r.dims, seed=r.seed)}
 
     def ev(name):
@@ -363,12 +412,16 @@ def run_pipeline(r: Recipe) -> dict[str, Path]:
     out["pretrain"] = run_stage("pretrain", out["init"], c / "pretrain_train.jsonl", r.work / "pretrain",
                                 r.pretrain, ev("pretrain_heldout.jsonl"))
     out["sft"] = run_stage("sft", out["pretrain"], c / "train.jsonl", r.work / "sft", r.sft, ev("heldout.jsonl"))
-    pairs = c / "dpo_pairs.jsonl"
-    make_dpo_pairs(out["sft"], c / "train.jsonl", pairs, limit=r.dpo_limit, seed=r.seed)
-    out["dpo"] = run_stage("dpo", out["sft"], pairs, r.work / "dpo", r.dpo)
-    for stage in ("sft", "dpo"):
-        evaluate_heldout(out[stage], c / "heldout.jsonl", r.work / f"eval_{stage}.json", limit=r.eval_limit)
-    _log(f"done: the candidate bundled model is {out['dpo']}")
+    make_dpo_pairs(out["sft"], c / "train.jsonl", c / "dpo_pairs.jsonl", limit=r.dpo_limit, seed=r.seed)
+    heldout_pairs = c / "dpo_pairs_heldout.jsonl"
+    make_dpo_pairs(out["sft"], c / "heldout.jsonl", heldout_pairs, limit=r.eval_limit, seed=r.seed)
+    out["dpo"] = run_stage("dpo", out["sft"], c / "dpo_pairs.jsonl", r.work / "dpo", r.dpo,
+                           heldout_pairs if r.use_eval_data else None)
+    out["release"] = export_release(out["dpo"], r.work / "release")
+    quality = measure(r, out)
+    if r.install_dir is not None:
+        out["installed"] = install(r, out["release"], quality, r.install_dir)
+    _log(f"done: the bundled model is {out['release']}")
     return out
 
 
@@ -406,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in STAGES:
         _stage_args(p, name, getattr(base, name))
     p.add_argument("--dpo-limit", type=int, default=base.dpo_limit, help="SFT records turned into DPO pairs")
-    p.add_argument("--eval-limit", type=int, default=base.eval_limit)
+    p.add_argument("--eval-limit", type=int, default=base.eval_limit, help="held-out SFT records made into "
+                   "held-out DPO pairs (default: %(default)s)")
+    p.add_argument("--install", metavar="DIR", default=None, help="copy the fp16 release with its model card here "
+                   "(the bundled model lives in qwen2audio/assets/model)")
     p.add_argument("--no-eval-data", action="store_true", help="skip the held-out loss during training")
     args = p.parse_args(argv)
     dims = TextDims(**{k: getattr(args, k) for k, v in asdict(base.dims).items() if not isinstance(v, bool)})
@@ -414,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                     jobs=args.jobs, whisper_bin=Path(args.whisper_bin) if args.whisper_bin else None,
                     vocab_size=args.vocab_size, dims=dims,
                     **{n: _stage_from(args, n, getattr(base, n)) for n in STAGES},
-                    dpo_limit=args.dpo_limit, eval_limit=args.eval_limit, use_eval_data=not args.no_eval_data)
+                    dpo_limit=args.dpo_limit, eval_limit=args.eval_limit, use_eval_data=not args.no_eval_data,
+                    install_dir=Path(args.install) if args.install else None)
     run_pipeline(recipe)
     return 0
 

@@ -50,8 +50,9 @@ class LocalBackend:
     def generate(self, mode: str, requests: list[tuple[str, np.ndarray]]) -> list[str]:
         if mode == "raw":
             return self.pipe.complete([t for t, _ in requests], [w for _, w in requests], self.sampling)
-        conversations = [[{"role": "user", "content": [{"type": "audio", "audio": w}, {"type": "text", "text": t}]}]
-                         for t, w in requests]
+        # An empty text is voice chat: the user turn holds only the audio (as the endpoint sends it).
+        conversations = [[{"role": "user", "content": [{"type": "audio", "audio": w}]
+                           + ([{"type": "text", "text": t}] if t else [])}] for t, w in requests]
         return self.pipe.chat_batch(conversations, self.sampling)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-TASK_NAMES = ("asr", "s2tt", "ser", "vsc", "airbench-foundation", "airbench-chat", "mmau")
+TASK_NAMES = ("asr", "s2tt", "ser", "vsc", "audio-qa", "airbench-foundation", "airbench-chat", "mmau")
 
 DESCRIPTION = """\
 Evaluate a checkpoint (--model DIR, in this process) or any OpenAI-compatible server (--endpoint URL)
@@ -16,6 +16,8 @@ with the fields the official scorers read), summary.json and report.md (our numb
 EPILOG = """\
 data formats:
   asr, s2tt, ser, vsc     Qwen2-Audio eval JSONL: {"audio", "prompt", "source", "gt"} per line
+  audio-qa                JSONL {"audio", "question", "source", "gt"} per line, asked in the chat
+                          template; an empty question is voice chat (the instruction is in the audio)
   airbench-foundation     AIR-Bench folder with Foundation/Foundation_meta.json (or that file)
   airbench-chat           AIR-Bench folder with Chat/Chat_meta.json (or that file)
   mmau                    MMAU JSON list (mmau-test-mini.json), audio paths relative to it
@@ -41,7 +43,7 @@ _positive_int = _int_at_least(1)
 
 
 def register(subparsers) -> dict:
-    p = subparsers.add_parser("eval", help="evaluate on ASR, S2TT, SER, VSC, AIR-Bench or MMAU with the official metrics",
+    p = subparsers.add_parser("eval", help="evaluate on ASR, S2TT, SER, VSC, audio QA, AIR-Bench or MMAU with the official metrics",
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=TASK_NAMES, help="which benchmark format and metric")
     p.add_argument("--data", metavar="PATH", help="the benchmark file or folder (see 'data formats' below)")

@@ -1,4 +1,4 @@
-"""Benchmark readers -> Items: Qwen2-Audio eval JSONL, AIR-Bench folders, MMAU JSON.
+"""Benchmark readers -> Items: Qwen2-Audio eval JSONL, audio-qa JSONL, AIR-Bench folders, MMAU JSON.
 
 An Item carries a stable key (for resuming and merging shards), the audio file to decode, and the
 fields the official scorers read; the model's answer is added to those fields as ``response``.
@@ -71,14 +71,9 @@ def with_other_extension(path: str) -> str:
     return path
 
 
-# ---- Qwen2-Audio evaluation JSONL (asr, s2tt, ser, vsc) -----------------------------------------
-def read_qwen_jsonl(path: Path, audio_root: Path | None = None) -> list[Item]:
-    """Lines like {"audio": path, "prompt": "...", "source": "librispeech_test_clean", "gt": "..."}.
-
-    The official scripts prepend one <|audio_bos|><|AUDIO|><|audio_eos|> block to the prompt; a
-    prompt that already contains the block is used as it is. Relative audio paths are looked up
-    under --audio-root, then next to the JSONL file, then in the current directory.
-    """
+# ---- JSONL benchmarks: Qwen2-Audio eval files (asr, s2tt, ser, vsc) and audio-qa ----------------
+def _jsonl_rows(path: Path, fields: tuple[str, ...]):
+    """(line number, row) for each non-empty line, each row checked for `fields`."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -86,7 +81,6 @@ def read_qwen_jsonl(path: Path, audio_root: Path | None = None) -> list[Item]:
         raise DataError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    items = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -95,7 +89,20 @@ def read_qwen_jsonl(path: Path, audio_root: Path | None = None) -> list[Item]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e})") from None
-        _require(row, ("audio", "prompt", "source", "gt"), where)
+        _require(row, fields, where)
+        yield lineno, row
+
+
+def read_qwen_jsonl(path: Path, audio_root: Path | None = None) -> list[Item]:
+    """Lines like {"audio": path, "prompt": "...", "source": "librispeech_test_clean", "gt": "..."}.
+
+    The official scripts prepend one <|audio_bos|><|AUDIO|><|audio_eos|> block to the prompt; a
+    prompt that already contains the block is used as it is. Relative audio paths are looked up
+    under --audio-root, then next to the JSONL file, then in the current directory.
+    """
+    path = Path(path)
+    items = []
+    for lineno, row in _jsonl_rows(path, ("audio", "prompt", "source", "gt")):
         prompt = row["prompt"] if AUDIO in row["prompt"] else AUDIO_BLOCK + row["prompt"]
         problem = None
         if prompt.count(AUDIO) != 1:
@@ -104,6 +111,25 @@ def read_qwen_jsonl(path: Path, audio_root: Path | None = None) -> list[Item]:
         extra = {k: v for k, v in row.items() if k not in fields and k != "audio"}
         audio = resolve_audio(row["audio"], audio_root, path.parent, Path.cwd())
         items.append(Item(str(lineno), len(items), audio, {**extra, **fields}, prompt, problem))
+    return items
+
+
+def read_qa_jsonl(path: Path, audio_root: Path | None = None) -> list[Item]:
+    """Chat-mode questions about one audio: {"audio", "question", "gt", "source"} per line.
+
+    An empty or missing "question" is voice chat: the user turn holds only the audio and the
+    instruction is spoken in it. Audio paths resolve as for the Qwen2-Audio eval JSONL.
+    """
+    path = Path(path)
+    items = []
+    for lineno, row in _jsonl_rows(path, ("audio", "source", "gt")):
+        question = row.get("question") or ""
+        if not isinstance(question, str):
+            raise DataError(f"{path}:{lineno}: 'question' must be a string")
+        fields = {"gt": row["gt"], "source": row["source"], "audio_path": row["audio"], "question": question}
+        extra = {k: v for k, v in row.items() if k not in fields and k != "audio"}
+        audio = resolve_audio(row["audio"], audio_root, path.parent, Path.cwd())
+        items.append(Item(str(lineno), len(items), audio, {**extra, **fields}, question))
     return items
 
 

@@ -49,7 +49,7 @@ def _fmt(x, digits: int = 2) -> str:
 
 def _rows(task: str, metrics: dict, strict: bool) -> list[list[str]]:
     rows = []
-    if task in ("asr", "s2tt", "ser", "vsc"):
+    if task in ("asr", "s2tt", "ser", "vsc", "audio-qa"):
         for source, m in metrics["sources"].items():
             ref = paper_reference(task, source)
             name = f"{source} ({ref[0]})" if ref else source

@@ -52,6 +52,15 @@ def score_labels(records: list[dict], **_) -> dict:
                         for source, rs in _by_source(records).items()}}
 
 
+def score_qa(records: list[dict], **_) -> dict:
+    """Exact-answer accuracy per source (label_accuracy without its confusion table: answers are free text)."""
+    out = {}
+    for source, rs in _by_source(records).items():
+        m = metrics.label_accuracy([r["gt"] for r in rs], [r["response"] for r in rs])
+        out[source] = {"n": len(rs), **{k: v for k, v in m.items() if k != "confusion"}}
+    return {"sources": out}
+
+
 def score_foundation(records: list[dict], **_) -> dict:
     return choice.foundation_scores(records)
 
@@ -66,6 +75,8 @@ TASKS = {
     "s2tt": Task("s2tt", data.read_qwen_jsonl, "raw", "BLEU", "speech translation, Qwen2-Audio eval JSONL (CoVoST2)"),
     "ser": Task("ser", data.read_qwen_jsonl, "raw", "accuracy", "speech emotion recognition (Meld)"),
     "vsc": Task("vsc", data.read_qwen_jsonl, "raw", "accuracy", "vocal sound classification (VocalSound)"),
+    "audio-qa": Task("audio-qa", data.read_qa_jsonl, "chat", "accuracy",
+                     "questions about audio or voice chat (empty question): {audio, question, gt, source}, exact answer"),
     "airbench-foundation": Task("airbench-foundation", lambda p, r: data.read_airbench(p, "Foundation", r), "chat",
                                 "accuracy", "AIR-Bench foundation: single-choice questions"),
     "airbench-chat": Task("airbench-chat", lambda p, r: data.read_airbench(p, "Chat", r), "chat", "judge score",
@@ -74,7 +85,7 @@ TASKS = {
                  ("response", "model_prediction")),
 }
 
-SCORERS = {"asr": score_asr, "s2tt": score_s2tt, "ser": score_labels, "vsc": score_labels,
+SCORERS = {"asr": score_asr, "s2tt": score_s2tt, "ser": score_labels, "vsc": score_labels, "audio-qa": score_qa,
            "airbench-foundation": score_foundation, "mmau": score_mmau}
 
 

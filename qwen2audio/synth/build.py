@@ -15,6 +15,7 @@ import numpy as np
 
 from . import asterisk, music, plan, records, render, tts
 from .errors import SynthError
+from .evalsets import eval_file, write_eval_sets
 from .split import SPLITS
 
 FORMAT_VERSION = 1
@@ -143,6 +144,7 @@ def write_outputs(root: Path, specs: list[dict], durations: dict[str, float], se
         files[f"pretrain_raw_{split}.jsonl"] = _write_jsonl(root / f"pretrain_raw_{split}.jsonl", raw[split])
         summary[split]["sft_records"] = len(sft[split])
     files["items.jsonl"] = _write_jsonl(root / "items.jsonl", items)
+    files.update({eval_file(root, name).name: n for name, n in write_eval_sets(root).items()})
     for s in summary.values():
         s["total_seconds"] = round(sum(s["seconds"].values()), 1)
         s["seconds"] = {k: round(v, 1) for k, v in sorted(s["seconds"].items())}
