@@ -28,17 +28,17 @@ HEADS=${HEADS:-6}
 KV_HEADS=${KV_HEADS:-2}
 FFN=${FFN:-1536}
 # Step counts: sized for well under 90 minutes per stage on 2 CPU cores (measured, see the README).
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-1500}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-2000}
 PRETRAIN_LR=${PRETRAIN_LR:-1e-3}
 PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
-SFT_STEPS=${SFT_STEPS:-1000}
+SFT_STEPS=${SFT_STEPS:-800}
 SFT_LR=${SFT_LR:-3e-4}
 SFT_BATCH=${SFT_BATCH:-8}
-DPO_STEPS=${DPO_STEPS:-300}
+DPO_STEPS=${DPO_STEPS:-250}
 DPO_LR=${DPO_LR:-5e-6}
 DPO_BATCH=${DPO_BATCH:-4}
 SAVE_EVERY=${SAVE_EVERY:-100}
-DPO_LIMIT=${DPO_LIMIT:-800}         # SFT records the SFT model answers to make DPO pairs
+DPO_LIMIT=${DPO_LIMIT:-600}         # SFT records the SFT model answers to make DPO pairs
 EVAL_LIMIT=${EVAL_LIMIT:-200}       # held-out SFT records for the exact-match check
 INSTALL=${INSTALL:-0}
 

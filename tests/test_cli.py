@@ -230,11 +230,12 @@ def test_prompt_too_long(files, capsys):
     assert "qwen2audio: error: prompt of" in err and "exceeds" in err
 
 
-def test_no_bundled_model(files, capsys):
-    if qwen2audio.api.bundled_model_dir() is not None:
-        pytest.skip("a bundled model is installed")
+def test_no_bundled_model(files, capsys, monkeypatch):
+    monkeypatch.setattr(qwen2audio.api, "bundled_model_dir", lambda: None)  # as in a package without assets
     assert cli.main(["ask", str(files["a"])]) == 2
     assert "qwen2audio: error: no model given and no bundled model" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "vsc", "--data", str(files["a"]), "--output", "unused"]) == 2
+    assert "eval needs --model DIR or --endpoint URL (no bundled model is installed)" in capsys.readouterr().err
 
 
 def test_ctrl_c_exits_130_quietly(files, monkeypatch, capsys):

@@ -501,8 +501,9 @@ def test_client_retries_busy_servers_and_stops_on_client_errors():
 
 
 def test_user_errors_are_one_line(bench, tmp_path, capsys):
-    assert cli_main(["eval", "--task", "asr", "--data", str(bench / "asr.jsonl"), "--output", str(tmp_path)]) == 2
-    assert "exactly one of --model DIR and --endpoint URL" in capsys.readouterr().err
+    assert cli_main(["eval", "--task", "asr", "--data", str(bench / "asr.jsonl"), "--output", str(tmp_path),
+                     "--model", "m", "--endpoint", "http://127.0.0.1:9"]) == 2
+    assert "one of --model DIR and --endpoint URL, not both" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"audio": "a.wav", "prompt": "p"}\n')
     assert cli_main(["eval", "--task", "asr", "--data", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o"),
                      "--endpoint", "http://127.0.0.1:9"]) == 2

@@ -55,7 +55,7 @@ def register(subparsers) -> dict:
                         "for AIR-Bench the Foundation/ or Chat/ folder)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N items")
 
-    src = p.add_argument_group("answers from (one of)")
+    src = p.add_argument_group("answers from (one of; default: the bundled model, in this process)")
     src.add_argument("--model", metavar="DIR", help="checkpoint directory, run in this process")
     src.add_argument("--endpoint", metavar="URL",
                      help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (audio goes as input_audio parts; "

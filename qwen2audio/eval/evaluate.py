@@ -86,8 +86,14 @@ def main(args) -> int:
         return merge_and_report(args, Path(args.merge))
     if not args.data or not args.output:
         raise UsageError("eval needs --data PATH and --output DIR (or --merge DIR)")
-    if bool(args.model) == bool(args.endpoint):
-        raise UsageError("eval needs exactly one of --model DIR and --endpoint URL")
+    if args.model and args.endpoint:
+        raise UsageError("eval takes one of --model DIR and --endpoint URL, not both")
+    if not args.model and not args.endpoint:
+        from ..api import bundled_model_dir
+
+        if bundled_model_dir() is None:
+            raise UsageError("eval needs --model DIR or --endpoint URL (no bundled model is installed)")
+        args.model = str(bundled_model_dir())
     (k, n), torchrun = shard_spec(args.shard)
     progress = not args.no_progress and (k == 0 or not torchrun)  # one progress bar under torchrun
     dist = _barrier_group(args.barrier_timeout) if torchrun else None
