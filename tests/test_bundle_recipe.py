@@ -129,6 +129,7 @@ def test_release_is_the_dpo_model_in_fp16_and_installs_with_a_card(toy):
     assert all(release[k].dtype == torch.float16 and torch.equal(release[k], dpo[k].half()) for k in dpo)
     installed = out["installed"]
     assert {p.name for p in installed.iterdir()} == {p.name for p in out["release"].iterdir()} | {"README.md"}
+    assert isinstance(json.loads((installed.parent / "examples" / "examples.json").read_text()), list)
     card = (installed / "README.md").read_text()
     assert "| sound-event classification | `vsc` |" in card and "preference accuracy" in card
     quality = json.loads((toy["work"] / "quality.json").read_text())
@@ -186,3 +187,30 @@ def test_rerun_skips_finished_work(toy, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_training)
     run_pipeline(toy["recipe"])
     assert stamps and {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")} == stamps
+
+
+def test_examples_are_clips_the_shipped_model_answers_right(tmp_path):
+    from qwen2audio.bundle.recipe import pick_examples
+
+    recipe = Recipe(work=tmp_path / "work")
+    (recipe.corpus / "audio").mkdir(parents=True)
+    for name in ("q1", "q2", "s1", "s2"):
+        (recipe.corpus / "audio" / f"{name}.wav").write_bytes(name.encode())
+    rows = {"voice_chat": [("spoken_question", "q1", "", "4.", "5."), ("spoken_question", "q2", "", "6.", "6.")],
+            "analysis": [("analysis_speech", "s1", "Transcribe.", "Hi.", "Hi."),
+                         ("analysis_sound", "s2", "What's that?", "A siren.", "A siren.")]}
+    for name, items in rows.items():
+        out = recipe.work / "eval" / "release" / name
+        out.mkdir(parents=True)
+        (out / "results.jsonl").write_text("".join(json.dumps(
+            {"source": s, "audio_path": f"audio/{a}.wav", "question": q, "gt": gt, "response": resp}) + "\n"
+            for s, a, q, gt, resp in items))
+    dest = tmp_path / "examples"
+    examples = pick_examples(recipe, dest)
+    # voice chat: the first right answer; analysis: a right sound answer is preferred to a right speech one
+    assert examples == [
+        {"audio": "voice_chat.wav", "mode": "voice chat", "prompt": None, "answer": "6.", "from": "audio/q2.wav"},
+        {"audio": "analysis.wav", "mode": "audio analysis", "prompt": "What's that?", "answer": "A siren.",
+         "from": "audio/s2.wav"}]
+    assert json.loads((dest / "examples.json").read_text()) == examples
+    assert (dest / "voice_chat.wav").read_bytes() == b"q2" and (dest / "analysis.wav").read_bytes() == b"s2"

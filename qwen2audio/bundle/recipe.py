@@ -346,8 +346,41 @@ def measure(r: "Recipe", out: dict[str, Path]) -> dict:
     return quality
 
 
+EXAMPLE_CHOICES = (  # (eval set, sources in order of preference, file name, mode)
+    ("voice_chat", ("spoken_question", "spoken_question_over_background"), "voice_chat.wav", "voice chat"),
+    ("analysis", ("analysis_sound", "analysis_music", "analysis_speech", "analysis_asterisk"), "analysis.wav",
+     "audio analysis"),
+)
+
+
+def pick_examples(r: "Recipe", dest: str | Path) -> list[dict]:
+    """Copy one held-out clip per mode that the shipped model answers right into `dest`, with examples.json."""
+    dest = Path(dest)
+    tmp = _atomic_dir(dest)
+    examples = []
+    for name, sources, file_name, mode in EXAMPLE_CHOICES:
+        results = r.work / "eval" / "release" / name / "results.jsonl"
+        if not results.exists():  # the corpus has no such eval set
+            continue
+        rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
+        right = [row for source in sources for row in rows if row["source"] == source and row["response"] == row["gt"]]
+        if not right:
+            _log(f"examples: the shipped model answers no {name} item right; no {mode} example")
+            continue
+        row = right[0]
+        shutil.copy2(r.corpus / row["audio_path"], tmp / file_name)
+        examples.append({"audio": file_name, "mode": mode, "prompt": row["question"] or None, "answer": row["gt"],
+                         "from": row["audio_path"]})
+    (tmp / "examples.json").write_text(json.dumps(examples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return examples
+
+
 def install(r: "Recipe", release: Path, quality: dict, dest: str | Path) -> Path:
-    """Copy the release folder to `dest` (e.g. qwen2audio/assets/model) with its model card."""
+    """Copy the release folder to `dest` (e.g. qwen2audio/assets/model) with its model card, and example
+    clips it answers right to the `examples` folder beside it."""
     from .card import write_model_card
 
     dest = Path(dest)
@@ -360,7 +393,8 @@ def install(r: "Recipe", release: Path, quality: dict, dest: str | Path) -> Path
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
-    _log(f"installed {release} with its model card into {dest}")
+    examples = pick_examples(r, dest.parent / "examples")
+    _log(f"installed {release} with its model card into {dest}; examples: {[e['answer'] for e in examples]}")
     return dest
 
 
