@@ -196,7 +196,7 @@ def test_examples_are_clips_the_shipped_model_answers_right(tmp_path):
     (recipe.corpus / "audio").mkdir(parents=True)
     for name in ("q1", "q2", "s1", "s2"):
         (recipe.corpus / "audio" / f"{name}.wav").write_bytes(name.encode())
-    rows = {"voice_chat": [("spoken_question", "q1", "", "4.", "5."), ("spoken_question", "q2", "", "6.", "6.")],
+    rows = {"voice_chat": [("spoken_arithmetic", "q1", "", "4.", "5."), ("spoken_fact", "q2", "", "6.", "6.")],
             "analysis": [("analysis_speech", "s1", "Transcribe.", "Hi.", "Hi."),
                          ("analysis_sound", "s2", "What's that?", "A siren.", "A siren.")]}
     for name, items in rows.items():

@@ -17,7 +17,7 @@ from qwen2audio.cli import main
 from qwen2audio.synth import MissingToolError, SynthError, build_corpus, dsp, music, plan, questions, sounds, tts
 from qwen2audio.synth.asterisk import clips, parse_transcripts
 from qwen2audio.synth.build import check_sources
-from qwen2audio.synth.evalsets import EVAL_SETS, eval_file
+from qwen2audio.synth.evalsets import EVAL_SETS, KNOWN_QUESTIONS, eval_file, known_question_specs
 from qwen2audio.synth.render import mixture_parts
 from qwen2audio.synth.split import is_heldout, split_of
 
@@ -59,7 +59,9 @@ def test_same_seed_same_files_and_resume(corpus, tmp_path):
         (other / path).unlink()
     (other / "train.jsonl").unlink()
     resumed = build_corpus(other, size="tiny", seed=0, jobs=1, progress=False)
-    assert resumed["rendered_now"] == len(removed) and resumed["reused"] == manifest["rendered_now"] - len(removed)
+    planned = [p for p in removed if not p.startswith("audio/chat_known/")]  # eval-set clips are not plan items
+    assert len(planned) < len(removed)
+    assert resumed["rendered_now"] == len(planned) and resumed["reused"] == manifest["rendered_now"] - len(planned)
     assert all_files(other) == first
     with pytest.raises(SynthError, match="other settings"):
         build_corpus(other, size="tiny", seed=1, progress=False)
@@ -136,8 +138,9 @@ def test_eval_sets_hold_only_heldout_audio_and_read_as_their_tasks(corpus):
     for name, task in EVAL_SETS.items():
         path = eval_file(root, name)
         rows = read_jsonl(path)
-        assert manifest["files"][path.name] == len(rows)
-        assert {r["audio"] for r in rows} <= set(heldout), name
+        assert manifest["files"][path.name] == len(rows) > 0
+        if name != "voice_chat_known":
+            assert {r["audio"] for r in rows} <= set(heldout), name
         for it in get_task(task).read(path, None):  # the evaluator reads them, and every audio file exists
             assert it.problem is None and (root / it.fields["audio_path"]).exists()
     kinds = lambda name: {heldout[r["audio"]]["kind"] for r in read_jsonl(eval_file(root, name))}  # noqa: E731
@@ -149,7 +152,18 @@ def test_eval_sets_hold_only_heldout_audio_and_read_as_their_tasks(corpus):
         assert (r["gt"], r["source"]) == (item["text"], f"synth_{item['language']}")
         assert r["prompt"].endswith(f"speech: <|{item['language']}|>")
     for r in read_jsonl(eval_file(root, "voice_chat")):
-        assert r["question"] == "" and r["gt"] == heldout[r["audio"]]["question"]["answer"]
+        q = heldout[r["audio"]]["question"]
+        assert r["question"] == "" and r["gt"] == q["answer"] and r["source"].startswith(f"spoken_{q['kind']}")
+    # Known questions: training-side content in recordings of their own, never in the training files.
+    known = read_jsonl(eval_file(root, "voice_chat_known"))
+    specs = known_question_specs(len(known), 0, list(plan.TTS_SOURCES))
+    assert len(known) == min(KNOWN_QUESTIONS, manifest["settings"]["counts"]["chat"])
+    assert [r["audio"] for r in known] == [s["audio"] for s in specs]
+    assert all(split_of(s["question"]["key"]) == "train" for s in specs)
+    assert [r["gt"] for r in known] == [s["question"]["answer"] for s in specs]
+    assert not {r["audio"] for r in known} & {x["audio"] for x in items.values()}
+    wav = load_audio(str(root / known[0]["audio"]))
+    assert wav.size > 16000 * 0.5  # a real spoken question
 
 
 def test_asterisk_transcripts():

@@ -346,10 +346,11 @@ def measure(r: "Recipe", out: dict[str, Path]) -> dict:
     return quality
 
 
-EXAMPLE_CHOICES = (  # (eval set, sources in order of preference, file name, mode)
-    ("voice_chat", ("spoken_question", "spoken_question_over_background"), "voice_chat.wav", "voice chat"),
-    ("analysis", ("analysis_sound", "analysis_music", "analysis_speech", "analysis_asterisk"), "analysis.wav",
-     "audio analysis"),
+EXAMPLE_CHOICES = (  # (file name, mode, [(eval set, source prefix)] in order of preference)
+    ("voice_chat.wav", "voice chat", [("voice_chat", "spoken_arithmetic"), ("voice_chat", "spoken_"),
+                                      ("voice_chat_known", "known_")]),
+    ("analysis.wav", "audio analysis", [("analysis", "analysis_sound"), ("analysis", "analysis_music"),
+                                        ("analysis", "analysis_")]),
 )
 
 
@@ -358,14 +359,15 @@ def pick_examples(r: "Recipe", dest: str | Path) -> list[dict]:
     dest = Path(dest)
     tmp = _atomic_dir(dest)
     examples = []
-    for name, sources, file_name, mode in EXAMPLE_CHOICES:
-        results = r.work / "eval" / "release" / name / "results.jsonl"
-        if not results.exists():  # the corpus has no such eval set
-            continue
-        rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
-        right = [row for source in sources for row in rows if row["source"] == source and row["response"] == row["gt"]]
+    for file_name, mode, choices in EXAMPLE_CHOICES:
+        right = []
+        for name, prefix in choices:
+            results = r.work / "eval" / "release" / name / "results.jsonl"
+            rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()
+                    if line.strip()] if results.exists() else []  # absent: the corpus has no such set
+            right += [row for row in rows if row["source"].startswith(prefix) and row["response"] == row["gt"]]
         if not right:
-            _log(f"examples: the shipped model answers no {name} item right; no {mode} example")
+            _log(f"examples: the shipped model answers no {mode} item right; no {mode} example")
             continue
         row = right[0]
         shutil.copy2(r.corpus / row["audio_path"], tmp / file_name)
@@ -436,7 +438,7 @@ def run_pipeline(r: Recipe) -> dict[str, Path]:
     r.work.mkdir(parents=True, exist_ok=True)
     c = r.corpus
     build_corpus(c, r.size, r.seed, r.jobs, r.sources)
-    if not eval_file(c, "asr_synth").exists():  # a corpus built before the eval sets existed
+    if not eval_file(c, "voice_chat_known").exists():  # a corpus built before these eval sets existed
         write_eval_sets(c)
     out = {"init": init_model(c, r.work / "init", r.whisper_bin, r.vocab_size, r.dims, seed=r.seed)}
 

@@ -6,11 +6,20 @@ From the held-out split only (items.jsonl and heldout.jsonl), next to the corpus
     eval_asr_real.jsonl     asr       Asterisk human recordings (asterisk_en, ...)
     eval_sound.jsonl        vsc       generated sound events: the label
     eval_instrument.jsonl   vsc       fluidsynth music: the instrument
-    eval_voice_chat.jsonl   audio-qa  spoken questions, alone or over sound/music (no text question)
+    eval_voice_chat.jsonl   audio-qa  held-out spoken questions, alone or over sound/music (no text
+                                      question), one source per question kind (spoken_arithmetic, ...)
+    eval_voice_chat_known.jsonl  audio-qa  training-side questions in new recordings (see below)
     eval_analysis.jsonl     audio-qa  single-turn audio + text questions, one source per audio kind
 
 ASR and classification use the base model's raw task prompts (the paper's protocol for those
-tasks); the two audio-qa sets are asked in the chat template, as the instruction-tuned model is.
+tasks); the audio-qa sets are asked in the chat template, as the instruction-tuned model is.
+
+Held-out questions are new *content*: a held-out capital, fact, opposite or greeting is one the
+model was never told, so those kinds measure nothing but luck. The "known" set asks questions from
+the training side in recordings rendered only for it (own seeds, so own voice choices, speeds, rooms
+and noises; the text and the TTS voice can still coincide with a training item): it measures
+understanding a new recording of something the model was taught, which is what a user of the
+closed-world bundled model does.
 """
 
 from __future__ import annotations
@@ -19,10 +28,13 @@ import json
 from pathlib import Path
 
 from ..chat import AUDIO_BLOCK, asr_prompt
+from . import plan, questions, render, tts
 from .records import PROMPTS
+from .split import key_hash
 
 EVAL_SETS = {"asr_synth": "asr", "asr_real": "asr", "sound": "vsc", "instrument": "vsc", "voice_chat": "audio-qa",
-             "analysis": "audio-qa"}  # name -> `qwen2audio eval --task`
+             "voice_chat_known": "audio-qa", "analysis": "audio-qa"}  # name -> `qwen2audio eval --task`
+KNOWN_QUESTIONS = 100
 
 
 def eval_file(root: str | Path, name: str) -> Path:
@@ -52,8 +64,9 @@ def _from_items(items: list[dict]) -> dict[str, list[dict]]:
     return sets
 
 
-def _from_conversations(records: list[dict]) -> dict[str, list[dict]]:
+def _from_conversations(records: list[dict], items: list[dict]) -> dict[str, list[dict]]:
     """Single-turn, one-audio held-out SFT records: '<audio>' alone is voice chat, else analysis."""
+    question_kind = {it["audio"]: it["question"]["kind"] for it in items if "question" in it}
     sets: dict[str, list[dict]] = {"voice_chat": [], "analysis": []}
     for rec in records:
         messages, audios = rec.get("messages", []), rec.get("audios", [])
@@ -68,15 +81,46 @@ def _from_conversations(records: list[dict]) -> dict[str, list[dict]]:
             sets["analysis"].append({"audio": audios[0], "question": question, "source": f"analysis_{kind}",
                                      "gt": answer})
         else:
-            source = "spoken_question_over_background" if kind == "mixture" else "spoken_question"
+            source = f"spoken_{question_kind[audios[0]]}" + ("_over_background" if kind == "mixture" else "")
             sets["voice_chat"].append({"audio": audios[0], "question": "", "source": source, "gt": answer})
     return sets
 
 
+def known_question_specs(count: int, seed: int, engines: list[str]) -> list[dict]:
+    """Render specs of `count` spoken questions from the training side, seeded apart from the corpus."""
+    rng = plan._rng(seed, "chat-known")
+    specs = []
+    for i in range(count):
+        item_id = f"chat-known-{i:06d}"
+        q = questions.question(rng, heldout=False)
+        specs.append({"id": item_id, "kind": "chat", "split": "eval", "seed": key_hash(f"{seed}:{item_id}") % 2**63,
+                      "audio": f"audio/chat_known/{item_id}.wav", "language": "en", "question": q,
+                      "voice": tts.choose_voice(rng, "en", engines), "aug": plan._augmentation(rng),
+                      "gain_db": round(float(rng.uniform(-12, -1)), 1)})
+    return specs
+
+
+def _known_questions(root: Path, count: int, seed: int, engines: list[str]) -> list[dict]:
+    rows = []
+    for spec in known_question_specs(count, seed, engines):
+        render.render_item(spec, str(root), None)  # kept when already there
+        rows.append({"audio": spec["audio"], "question": "", "source": f"known_{spec['question']['kind']}",
+                     "gt": spec["question"]["answer"]})
+    return rows
+
+
 def write_eval_sets(root: str | Path) -> dict[str, int]:
-    """Write every eval_*.jsonl of the corpus in `root` (overwriting); returns name -> item count."""
+    """Write every eval_*.jsonl of the corpus in `root` (overwriting); returns name -> item count.
+
+    The known-question clips (as many as the corpus has chat items, at most KNOWN_QUESTIONS) are
+    rendered with the seed and TTS sources of the corpus's build.json, kept when already there."""
     root = Path(root)
-    sets = {**_from_items(_read_jsonl(root / "items.jsonl")), **_from_conversations(_read_jsonl(root / "heldout.jsonl"))}
+    items = _read_jsonl(root / "items.jsonl")
+    sets = {**_from_items(items), **_from_conversations(_read_jsonl(root / "heldout.jsonl"), items)}
+    settings = json.loads((root / "build.json").read_text())
+    engines = [e for e in plan.TTS_SOURCES if e in settings["sources"]]
+    count = min(KNOWN_QUESTIONS, settings["counts"].get("chat", 0)) if engines else 0
+    sets["voice_chat_known"] = _known_questions(root, count, settings["seed"], engines)
     counts = {}
     for name in EVAL_SETS:
         rows = sets[name]
