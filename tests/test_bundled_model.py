@@ -64,3 +64,12 @@ def test_cli_answers_without_model_option(examples, capsys):
             argv += ["--prompt", example["prompt"]]
         assert cli.main(argv) == 0
         assert capsys.readouterr().out.strip() == example["answer"]
+
+
+def test_readme_run_command_asks_the_bundled_examples(examples):
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    run = next(line for line in readme.splitlines() if line.startswith("bash scripts/setup.sh && .venv/bin/qwen2audio"))
+    assert "--model" not in run  # the bundled model answers
+    for example in examples:
+        ask = f".venv/bin/qwen2audio ask qwen2audio/assets/examples/{example['audio']}"
+        assert ask + (f' --prompt "{example["prompt"]}"' if example["prompt"] else "") in run

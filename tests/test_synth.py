@@ -147,6 +147,8 @@ def test_eval_sets_hold_only_heldout_audio_and_read_as_their_tasks(corpus):
     assert (kinds("asr_synth"), kinds("asr_real"), kinds("sound"), kinds("instrument")) == (
         {"speech"}, {"asterisk"}, {"sound"}, {"music"})
     assert kinds("voice_chat") <= {"chat", "mixture"} and "chat" in kinds("voice_chat")
+    for r in read_jsonl(eval_file(root, "analysis")):
+        assert r["source"] == f"analysis_{heldout[r['audio']]['kind']}" and r["question"]
     for r in read_jsonl(eval_file(root, "asr_synth")):
         item = heldout[r["audio"]]
         assert (r["gt"], r["source"]) == (item["text"], f"synth_{item['language']}")

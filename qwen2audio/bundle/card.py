@@ -9,7 +9,8 @@ from ..synth.evalsets import EVAL_SETS
 
 SET_TITLES = {"asr_synth": "ASR, held-out TTS speech", "asr_real": "ASR, held-out real recordings (Asterisk)",
               "sound": "sound-event classification", "instrument": "instrument classification",
-              "voice_chat": "voice chat (spoken questions)", "analysis": "audio analysis (audio + text question)"}
+              "voice_chat": "voice chat, held-out questions", "voice_chat_known": "voice chat, known questions, new recordings",
+              "analysis": "audio analysis (audio + text question)"}
 STAGE_TITLES = {"pretrain": "base (pre-trained)", "sft": "SFT", "release": "shipped (DPO, fp16)"}
 
 
@@ -36,7 +37,8 @@ def quality_table(quality: dict) -> str:
         first = next((r for r in runs if r), None)
         if first is None:
             continue
-        lines.append(f"| {SET_TITLES[name]} | `{first['task']}` | {first['n']} | {first['metric'].upper()} | "
+        metric = "WER" if first["metric"] == "wer" else first["metric"]
+        lines.append(f"| {SET_TITLES[name]} | `{first['task']}` | {first['n']} | {metric} | "
                      + " | ".join(_value(r) for r in runs) + " |")
     return "\n".join(lines)
 
@@ -97,13 +99,15 @@ training audio, {heldout['total_seconds'] / 60:.0f} min held out (10 % by a hash
 Items per kind (train / held-out): {", ".join(f"{k} {train['items'][k]} / {heldout['items'].get(k, 0)}" for k in train['items'])}.
 
 ## Training
-Reproduce from scratch (about {sum(s['seconds'] for s in stages.values()) / 3600:.1f} h of training on 2 CPU cores, plus the corpus):
+Reproduce from scratch (on 2 CPU cores; a killed build continues where it stopped when run again):
 
     bash scripts/setup.sh && INSTALL=1 bash scripts/build_bundled_model.sh
 
-| stage | steps | batch | lr | minutes |
+| stage | steps | batch | lr | minutes of its last run |
 |---|---:|---:|---:|---:|
 {stage_rows}
+
+A stage that was resumed after an interruption counts only its last run in the last column.
 
 Pre-training reads the base model's raw task prompts (`<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and
 recognize the speech:` -> ` <|en|>...`), SFT the chat template with both modes, and DPO pairs whose rejected answer
@@ -113,7 +117,9 @@ is the SFT model's own wrong greedy answer (or, where it was right, another labe
 Reproduce a row with e.g. `qwen2audio eval --task asr --data CORPUS/eval_asr_synth.jsonl --output out/`
 (the recipe writes these sets into the corpus and the runs into WORK/eval/). ASR and classification use the
 base model's raw prompts (the paper's protocol for those tasks); voice chat and analysis are asked in the chat
-template and count exact answers.
+template and count exact answers. Held-out voice-chat questions are new content: a held-out capital or fact is
+one the model was never told (it cannot know it), while arithmetic, spelling, counting and "repeat after me"
+generalise; the known-question set asks training-side questions in recordings made only for evaluation.
 
 {quality_table(quality)}
 

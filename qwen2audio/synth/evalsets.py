@@ -75,7 +75,7 @@ def _from_conversations(records: list[dict], items: list[dict]) -> dict[str, lis
         user, answer = messages[0]["content"], messages[1]["content"]
         if not user.startswith("<audio>") or user.count("<audio>") != 1:
             continue
-        kind = Path(audios[0]).parent.name  # audio/<kind>/<file>
+        kind = Path(audios[0]).parts[1]  # audio/<kind>/<file> or audio/asterisk/<language>/<file>
         question = user[len("<audio>"):]
         if question:
             sets["analysis"].append({"audio": audios[0], "question": question, "source": f"analysis_{kind}",
