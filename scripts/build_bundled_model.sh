@@ -34,6 +34,7 @@ PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
 SFT_STEPS=${SFT_STEPS:-800}
 SFT_LR=${SFT_LR:-3e-4}
 SFT_BATCH=${SFT_BATCH:-8}
+SFT_REPLAY=${SFT_REPLAY:-0}         # pre-training task records mixed into SFT, as a fraction of its records
 DPO_STEPS=${DPO_STEPS:-250}
 DPO_LR=${DPO_LR:-5e-6}
 DPO_BATCH=${DPO_BATCH:-4}
@@ -49,7 +50,7 @@ args=(--work "$WORK" --size "$SIZE" --seed "$SEED" --jobs "$JOBS" --vocab-size "
       --pretrain-save-every "$SAVE_EVERY"
       --sft-steps "$SFT_STEPS" --sft-lr "$SFT_LR" --sft-batch-size "$SFT_BATCH" --sft-save-every "$SAVE_EVERY"
       --dpo-steps "$DPO_STEPS" --dpo-lr "$DPO_LR" --dpo-batch-size "$DPO_BATCH" --dpo-save-every "$SAVE_EVERY"
-      --dpo-limit "$DPO_LIMIT" --eval-limit "$EVAL_LIMIT")
+      --dpo-limit "$DPO_LIMIT" --eval-limit "$EVAL_LIMIT" --sft-replay "$SFT_REPLAY")
 [ -n "$SOURCES" ] && args+=(--sources "$SOURCES")
 [ -n "$WHISPER_BIN" ] && args+=(--whisper-bin "$WHISPER_BIN")
 [ "$INSTALL" = 1 ] && args+=(--install qwen2audio/assets/model)

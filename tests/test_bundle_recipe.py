@@ -214,3 +214,20 @@ def test_examples_are_clips_the_shipped_model_answers_right(tmp_path):
          "from": "audio/s2.wav"}]
     assert json.loads((dest / "examples.json").read_text()) == examples
     assert (dest / "voice_chat.wav").read_bytes() == b"q2" and (dest / "analysis.wav").read_bytes() == b"s2"
+
+
+def test_sft_replay_mixes_in_pretraining_task_records(tmp_path):
+    from qwen2audio.bundle.recipe import sft_data
+
+    chats = [json.dumps({"messages": [], "i": i}) for i in range(10)]
+    tasks = [json.dumps({"task": "asr", "j": j}) for j in range(30)]
+    (tmp_path / "train.jsonl").write_text("\n".join(chats) + "\n")
+    (tmp_path / "pretrain_train.jsonl").write_text("\n".join(tasks) + "\n")
+    assert sft_data(tmp_path, 0.0, seed=0) == tmp_path / "train.jsonl"
+    mixed = sft_data(tmp_path, 0.3, seed=0)
+    lines = mixed.read_text().splitlines()
+    assert sorted(line for line in lines if '"messages"' in line) == sorted(chats)  # every SFT record, once
+    replayed = [line for line in lines if '"task"' in line]
+    assert len(replayed) == 3 and set(replayed) <= set(tasks) and len(set(replayed)) == 3
+    assert lines != chats + replayed  # shuffled in, not appended
+    assert sft_data(tmp_path, 0.3, seed=0).read_text() == mixed.read_text()  # reused as it is

@@ -129,6 +129,21 @@ def test_dpo_and_pretrain_records_are_checked(clips, tok):
     assert tok.decode([t for t in seq.labels if t != IGNORE], False) == " <|en|>hello<|endoftext|>"
 
 
+
+def test_sft_data_may_mix_in_pretraining_task_records(clips, tok):
+    task = {"task": "asr", "audio": "a.wav", "label": "hello", "language": "en"}
+    mixed = write_jsonl(clips / "mixed.jsonl", [chat("<audio>Hi", "good", ["a.wav"]), task,
+                                                {"task": "asr", "audio": "a.wav", "label": "hello"}])
+    report = load_examples(mixed, "sft", tok, 512, skip_bad_records=True, log=None)
+    assert [p.split(": ", 1)[1] for p in report.problems] == ["task asr needs 'language' (the target starts with its "
+                                                              "tag, e.g. <|en|>)"]
+    conversation, replay = (ex.seqs[0] for ex in report.examples)
+    assert tok.decode([t for t in conversation.labels if t != IGNORE], False) == "good<|im_end|>"
+    # the replayed task record is the very sequence --stage pretrain makes of it
+    pretrain = load_examples(write_jsonl(clips / "task.jsonl", [task]), "pretrain", tok, 512, log=None)
+    assert (replay.ids, replay.labels) == (pretrain.examples[0].seqs[0].ids, pretrain.examples[0].seqs[0].labels)
+
+
 # ---- tokens and labels -------------------------------------------------------------------------
 def test_labels_cover_only_assistant_turns_and_ids_match_the_processor(clips, tok):
     record = {"messages": [

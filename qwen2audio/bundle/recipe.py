@@ -226,6 +226,25 @@ def run_stage(stage: str, model: str | Path, data: str | Path, output: str | Pat
     return output
 
 
+def sft_data(corpus: Path, replay: float, seed: int) -> Path:
+    """train.jsonl, or with replay > 0 a copy that also holds that fraction (of its size) of pre-training task
+    records drawn from pretrain_train.jsonl, shuffled in: SFT then keeps the base model's raw-prompt tasks."""
+    if replay <= 0:
+        return corpus / "train.jsonl"
+    out = corpus / f"train_replay{replay:g}.jsonl"
+    if out.exists():
+        return out
+    chats = [line for line in (corpus / "train.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    tasks = [line for line in (corpus / "pretrain_train.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rng = random.Random(seed)
+    lines = chats + rng.sample(tasks, min(len(tasks), round(replay * len(chats))))
+    rng.shuffle(lines)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
 # ---- 3. DPO pairs from the SFT model -----------------------------------------------------------
 def _prompt_and_label(record: dict, base: Path) -> tuple[list[dict], str] | None:
     from ..train.records import normalize_messages
@@ -419,6 +438,7 @@ class Recipe:
     eval_limit: int = 200  # held-out SFT records turned into held-out DPO pairs
     use_eval_data: bool = True
     install_dir: Path | None = None  # copy the release (with its model card) here
+    sft_replay: float = 0.0  # pre-training task records mixed into SFT, as a fraction of the SFT records
 
     def __post_init__(self):
         self.work = Path(self.work)
@@ -447,7 +467,8 @@ def run_pipeline(r: Recipe) -> dict[str, Path]:
 
     out["pretrain"] = run_stage("pretrain", out["init"], c / "pretrain_train.jsonl", r.work / "pretrain",
                                 r.pretrain, ev("pretrain_heldout.jsonl"))
-    out["sft"] = run_stage("sft", out["pretrain"], c / "train.jsonl", r.work / "sft", r.sft, ev("heldout.jsonl"))
+    out["sft"] = run_stage("sft", out["pretrain"], sft_data(c, r.sft_replay, r.seed), r.work / "sft", r.sft,
+                           ev("heldout.jsonl"))
     make_dpo_pairs(out["sft"], c / "train.jsonl", c / "dpo_pairs.jsonl", limit=r.dpo_limit, seed=r.seed)
     heldout_pairs = c / "dpo_pairs_heldout.jsonl"
     make_dpo_pairs(out["sft"], c / "heldout.jsonl", heldout_pairs, limit=r.eval_limit, seed=r.seed)
@@ -500,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", metavar="DIR", default=None, help="copy the fp16 release with its model card here "
                    "(the bundled model lives in qwen2audio/assets/model)")
     p.add_argument("--no-eval-data", action="store_true", help="skip the held-out loss during training")
+    p.add_argument("--sft-replay", type=float, default=0.0, metavar="F", help="mix F x (SFT records) pre-training "
+                   "task records into SFT so it keeps the base model's raw-prompt tasks (default: 0)")
     args = p.parse_args(argv)
     dims = TextDims(**{k: getattr(args, k) for k, v in asdict(base.dims).items() if not isinstance(v, bool)})
     recipe = Recipe(work=Path(args.work), corpus=args.corpus, size=args.size, sources=args.sources, seed=args.seed,
@@ -507,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                     vocab_size=args.vocab_size, dims=dims,
                     **{n: _stage_from(args, n, getattr(base, n)) for n in STAGES},
                     dpo_limit=args.dpo_limit, eval_limit=args.eval_limit, use_eval_data=not args.no_eval_data,
-                    install_dir=Path(args.install) if args.install else None)
+                    install_dir=Path(args.install) if args.install else None, sft_replay=args.sft_replay)
     run_pipeline(recipe)
     return 0
 

@@ -22,7 +22,7 @@ data (JSONL, one record per line; audio paths relative to the file's folder):
   dpo       the sft shape + "rejected_response": "A cat."
   pretrain  {"task": "asr", "audio": "a.wav", "label": "hello", "language": "en"}
             tasks: asr, caption, emotion, vocal_sound, translation (source_language, target_language),
-            custom (prompt)
+            custom (prompt); sft data may mix such task records in (replay of pre-training tasks)
 
 output: OUTPUT is an ordinary checkpoint directory (qwen2audio.load / transformers can open it),
 plus OUTPUT/adapter (PEFT LoRA adapter, with --lora), OUTPUT/checkpoints/step-N (for --resume) and

@@ -249,7 +249,9 @@ def check_audio_tokens(seq: Sequence, probe: AudioProbe, tok: Tokenizer, where: 
 
 # ---- records -> examples -----------------------------------------------------------------------
 def record_to_sequences(record: dict, stage: str, base: Path, tok: Tokenizer, probe: AudioProbe) -> list[Sequence]:
-    if stage == "pretrain":
+    # SFT also takes task records, so that pre-training examples mixed into SFT data keep the base
+    # model's raw-prompt abilities (replay) instead of being forgotten.
+    if stage == "pretrain" or (stage == "sft" and "task" in record and "messages" not in record):
         if "messages" in record:
             raise RecordError("--stage pretrain reads task records ({\"task\", \"audio\", \"label\", ...}), not messages")
         ex = example_from_record(record)
