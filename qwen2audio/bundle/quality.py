@@ -12,14 +12,9 @@ import sys
 from pathlib import Path
 
 from ..synth.evalsets import EVAL_SETS, eval_file
+from .recipe import _log
 
 RAW_SETS = tuple(name for name, task in EVAL_SETS.items() if task != "audio-qa")  # base-model prompts
-
-
-def _log(msg: str) -> None:
-    from .recipe import _log as log
-
-    log(msg)
 
 
 def headline(task: str, metrics: dict) -> dict:
