@@ -23,9 +23,7 @@ def _nats(x: float | None) -> str:
 
 
 def _value(r: dict | None) -> str:
-    if not r or r.get("value") is None:
-        return "—"
-    return f"{100 * r['value']:.1f} %"
+    return _pct(r.get("value") if r else None)
 
 
 def quality_table(quality: dict) -> str:
