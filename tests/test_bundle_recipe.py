@@ -41,8 +41,8 @@ def toy(tmp_path_factory):
     work = tmp_path_factory.mktemp("bundle")
     recipe = Recipe(
         work=work, size="sound=30", sources="sounds", jobs=2, whisper_bin=_whisper_bin(), vocab_size=400, dims=TOY_DIMS,
-        pretrain=StageSettings(max_steps=STEPS["pretrain"], lr=2e-3, batch_size=2),
-        sft=StageSettings(max_steps=STEPS["sft"], lr=2e-3, batch_size=2),
+        pretrain=StageSettings(max_steps=STEPS["pretrain"], lr=2e-3, batch_size=2, precision="bf16"),
+        sft=StageSettings(max_steps=STEPS["sft"], lr=2e-3, batch_size=2, steps_per_run=2),
         # The first DPO run stops after step 1 with a checkpoint only, like a killed run.
         dpo=StageSettings(max_steps=STEPS["dpo"], lr=1e-4, batch_size=2, stop_at_step=1, extra=("--set", "beta=0.1")),
         dpo_limit=8, eval_limit=4, use_eval_data=False, install_dir=work / "installed")
@@ -54,6 +54,7 @@ def toy(tmp_path_factory):
                "steps": [m["step"] for m in _metrics(dpo_dir) if "loss" in m],
                "sft_mtime": (work / "sft" / "model.safetensors").stat().st_mtime_ns}
     recipe.dpo = replace(recipe.dpo, stop_at_step=0)
+    (work / "NOTES.md").write_text("The DPO stage was stopped once on purpose.\n")
     out = run_pipeline(recipe)
     return {"recipe": recipe, "out": out, "work": work, "corpus": recipe.corpus, "stopped": stopped}
 
@@ -132,6 +133,8 @@ def test_release_is_the_dpo_model_in_fp16_and_installs_with_a_card(toy):
     assert isinstance(json.loads((installed.parent / "examples" / "examples.json").read_text()), list)
     card = (installed / "README.md").read_text()
     assert "| sound-event classification | `vsc` |" in card and "preference accuracy" in card
+    assert "`qwen2audio synth --size sound=30 --seed 0`" in card
+    assert "### Notes on this build\n\nThe DPO stage was stopped once on purpose.\n" in card
     quality = json.loads((toy["work"] / "quality.json").read_text())
     assert f"SFT {100 * quality['preference']['sft']['accuracy']:.1f} %" in card
     pipe = qwen2audio.load(installed, device="cpu", progress=False)
@@ -154,6 +157,21 @@ def test_quality_is_measured_with_qwen2audio_eval(toy):
     for stage in ("sft", "release"):
         pref = quality["preference"][stage]
         assert pref["pairs"] == len(heldout_pairs) > 0 and 0.0 <= pref["accuracy"] <= 1.0
+
+
+def test_stage_precision_reaches_the_trainer(toy):
+    def precision(stage):
+        return [line for line in (toy["work"] / stage / "train_config.toml").read_text().splitlines()
+                if line.startswith("precision")]
+
+    assert precision("pretrain") == ['precision = "bf16"'] and precision("sft") == ['precision = "auto"']
+
+
+def test_a_stage_split_into_runs_resumes_each(toy):
+    done = json.loads((toy["work"] / "sft" / DONE).read_text())
+    assert len(done["run_seconds"]) == 2  # steps 1-2, then 3 after --resume
+    assert [m["step"] for m in _metrics(toy["work"] / "sft") if "loss" in m] == list(range(1, STEPS["sft"] + 1))
+    assert "minutes per `train` run" in (toy["work"] / "installed" / "README.md").read_text()
 
 
 def test_dpo_run_was_stopped_then_resumed(toy):

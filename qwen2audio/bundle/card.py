@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..synth.evalsets import EVAL_SETS
+from ..synth.plan import ALL, SIZES
 
 SET_TITLES = {"asr_synth": "ASR, held-out TTS speech", "asr_real": "ASR, held-out real recordings (Asterisk)",
               "sound": "sound-event classification", "instrument": "instrument classification",
@@ -51,15 +52,27 @@ def source_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(path: str | Path, quality: dict, init_info: dict, manifest: dict, stages: dict) -> Path:
-    """README.md for the shipped folder. `stages`: name -> the .bundle_done record (seconds, settings)."""
+def size_argument(counts: dict[str, int]) -> str:
+    """The `synth --size` value that builds these per-kind counts: a named size where one matches."""
+    named = [name for name, sizes in SIZES.items() if sizes == counts]
+    if named:
+        return named[0]
+    return ",".join(f"{k}={'all' if n == ALL else n}" for k, n in counts.items() if n)
+
+
+def write_model_card(path: str | Path, quality: dict, init_info: dict, manifest: dict, stages: dict,
+                     notes: str = "") -> Path:
+    """README.md for the shipped folder. `stages`: name -> the .bundle_done record (seconds, settings);
+    `notes`: the build's own remarks (WORK/NOTES.md), e.g. how an interrupted or extended run went."""
     params = init_info["parameters"]
     dims = init_info["text_dims"]
     heldout, train = manifest["splits"]["heldout"], manifest["splits"]["train"]
     pref = quality["preference"]
     stage_rows = "\n".join(
         f"| {name} | {s['settings']['max_steps']} | {s['settings']['batch_size']} | {s['settings']['lr']:g} | "
-        f"{s['seconds'] / 60:.1f} |" for name, s in stages.items())
+        f"{' + '.join(f'{x / 60:.1f}' for x in s.get('run_seconds', [s['seconds']]))} |" for name, s in stages.items())
+    notes_section = f"\n### Notes on this build\n\n{notes.strip()}\n" if notes.strip() else ""
+    size = size_argument(manifest["settings"]["counts"])
     text = f"""# qwen2audio-bundled-tiny
 
 A {params['total'] / 1e6:.1f}M-parameter model in the Qwen2-Audio architecture, trained by this project from
@@ -81,7 +94,7 @@ world (its sentences, sound classes, instruments, questions) and little else.
 - Weights: `model.safetensors` in float16 (loaded as float32 on CPU by default).
 
 ## Data
-`qwen2audio synth --size small --seed 0` (see the corpus README it writes): {train['total_seconds'] / 3600:.1f} h of
+`qwen2audio synth --size {size} --seed {manifest['settings']['seed']}` (see the corpus README it writes): {train['total_seconds'] / 3600:.1f} h of
 training audio, {heldout['total_seconds'] / 60:.0f} min held out (10 % by a hash of the content, never trained on).
 - Speech: espeak-ng, flite and festival voices with rate, pitch, speed, noise and reverberation
   augmentation; sentences in {", ".join(sorted(train['languages']))}.
@@ -101,12 +114,13 @@ Reproduce from scratch (on 2 CPU cores; a killed build continues where it stoppe
 
     bash scripts/setup.sh && INSTALL=1 bash scripts/build_bundled_model.sh
 
-| stage | steps | batch | lr | minutes of its last run |
+| stage | steps | batch | lr | minutes per `train` run |
 |---|---:|---:|---:|---:|
 {stage_rows}
 
-A stage that was resumed after an interruption counts only its last run in the last column.
-
+The last column lists the runs of the invocation that finished the stage (a stage resumed after an
+interruption does not count the runs before it).
+{notes_section}
 Pre-training reads the base model's raw task prompts (`<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and
 recognize the speech:` -> ` <|en|>...`), SFT the chat template with both modes, and DPO pairs whose rejected answer
 is the SFT model's own wrong greedy answer (or, where it was right, another label), chosen = the label.

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..synth.evalsets import eval_file, write_eval_sets
@@ -51,6 +51,8 @@ class StageSettings:
     warmup_steps: int = 0
     save_every: int = 200
     stop_at_step: int = 0  # > 0: stop (with a checkpoint) after this step; the next run resumes
+    steps_per_run: int = 0  # > 0: split the stage into `train` runs of at most this many steps (each resumes)
+    precision: str = "auto"  # `qwen2audio train` precision: auto | fp32 | bf16 (bf16 autocast pays off on CPUs with AMX)
     extra: tuple[str, ...] = ()  # more `qwen2audio train` arguments, e.g. ("--set", "beta=0.1")
 
 
@@ -198,9 +200,16 @@ def train_command(stage: str, model: Path, data: Path, output: Path, s: StageSet
         cmd += ["--eval-data", str(eval_data)]
     if s.stop_at_step:
         cmd += ["--set", f"stop_at_step={s.stop_at_step}"]
+    if s.precision != "auto":
+        cmd += ["--set", f"precision={s.precision}"]
     if resume:
         cmd += ["--resume"]
     return cmd + list(s.extra)
+
+
+def _latest_checkpoint_step(output: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
 
 
 def run_stage(stage: str, model: str | Path, data: str | Path, output: str | Path, settings: StageSettings,
@@ -208,20 +217,31 @@ def run_stage(stage: str, model: str | Path, data: str | Path, output: str | Pat
     """`python -m qwen2audio train` in a subprocess; skipped when done, resumed when checkpoints exist.
 
     A stage counts as done once the trainer exported its model (OUTPUT/config.json) and this function
-    wrote OUTPUT/.bundle_done; a killed run leaves only OUTPUT/checkpoints, from which it resumes."""
+    wrote OUTPUT/.bundle_done; a killed run leaves only OUTPUT/checkpoints, from which it resumes. With
+    `steps_per_run`, the stage is several `train` runs of at most that many steps, each resuming the last."""
     output = Path(output)
     if (output / DONE).exists() and (output / "config.json").exists():
         _log(f"{stage}: {output} done, skipped")
         return output
-    resume = any((output / "checkpoints").glob("step-*")) if (output / "checkpoints").exists() else False
-    cmd = train_command(stage, Path(model), Path(data), output, settings,
-                        Path(eval_data) if eval_data else None, resume)
-    _log(f"{stage}: {'resuming' if resume else 'starting'}: {' '.join(cmd)}")
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    if not (output / "config.json").exists():  # stopped early: checkpoints only, no exported model
-        raise StageIncomplete(f"{stage}: stopped before step {settings.max_steps}; run again to resume")
-    (output / DONE).write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1),
+    run_seconds = []
+    while not (output / "config.json").exists():
+        reached = _latest_checkpoint_step(output)
+        run = settings
+        if settings.steps_per_run and not settings.stop_at_step and reached + settings.steps_per_run < settings.max_steps:
+            run = replace(settings, stop_at_step=reached + settings.steps_per_run)
+        cmd = train_command(stage, Path(model), Path(data), output, run, Path(eval_data) if eval_data else None,
+                            resume=reached > 0)
+        _log(f"{stage}: {f'resuming at step {reached}' if reached else 'starting'}: {' '.join(cmd)}")
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        run_seconds.append(round(time.perf_counter() - start, 1))
+        if (output / "config.json").exists():
+            break
+        if run is settings:  # the caller's own stop_at_step
+            raise StageIncomplete(f"{stage}: stopped before step {settings.max_steps}; run again to resume")
+        if _latest_checkpoint_step(output) <= reached:
+            raise StageIncomplete(f"{stage}: a run ended without a new checkpoint past step {reached}")
+    (output / DONE).write_text(json.dumps({"seconds": round(sum(run_seconds), 1), "run_seconds": run_seconds,
                                            "settings": asdict(settings)}) + "\n")
     return output
 
@@ -409,8 +429,10 @@ def install(r: "Recipe", release: Path, quality: dict, dest: str | Path) -> Path
     for f in release.iterdir():
         shutil.copy2(f, tmp / f.name)
     stages = {s: json.loads((r.work / s / DONE).read_text()) for s in STAGES}
+    notes = r.work / "NOTES.md"  # the builder's own remarks on this build, copied into the card
     write_model_card(tmp / "README.md", quality, json.loads((r.work / "init" / "bundle_init.json").read_text()),
-                     json.loads((r.corpus / "manifest.json").read_text()), stages)
+                     json.loads((r.corpus / "manifest.json").read_text()), stages,
+                     notes.read_text(encoding="utf-8") if notes.exists() else "")
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -493,7 +515,7 @@ def _stage_from(args, name: str, d: StageSettings) -> StageSettings:
     g = lambda k: getattr(args, f"{name}_{k}")  # noqa: E731
     return StageSettings(max_steps=g("steps"), lr=g("lr"), batch_size=g("batch_size"), grad_accum=d.grad_accum,
                          warmup_steps=min(d.warmup_steps, g("steps") // 10), save_every=g("save_every"),
-                         extra=d.extra)
+                         steps_per_run=args.steps_per_run, precision=args.precision, extra=d.extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     for name in STAGES:
         _stage_args(p, name, getattr(base, name))
+    p.add_argument("--steps-per-run", type=int, default=0, metavar="N", help="split each training stage into "
+                   "`qwen2audio train` runs of at most N steps, each resuming the last (default: 0 = one run)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="training precision of every stage (default: auto = bf16 autocast on GPUs that support it, "
+                   "else fp32; bf16 is also faster on CPUs with AMX)")
     p.add_argument("--dpo-limit", type=int, default=base.dpo_limit, help="SFT records turned into DPO pairs")
     p.add_argument("--eval-limit", type=int, default=base.eval_limit, help="held-out SFT records made into "
                    "held-out DPO pairs (default: %(default)s)")

@@ -22,6 +22,7 @@ EPILOG = """\
 sizes (items per kind: speech, chat, asterisk, sound, music, mixture):
   tiny    8, 8, 10, 8, 4, 4               (seconds; for tests)
   small   1500, 1500, 500, 600, 300, 400  (minutes; about 400 MB)
+  medium  6000, 4500, all, 1800, 1000, 1200 (the bundled model's corpus)
   full    8000, 8000, all, 3000, 1500, 2000
   or kind=N,... e.g. --size speech=200,sound=50 (kinds left out get 0; asterisk=all for every clip)
 
@@ -45,7 +46,7 @@ def register(subparsers) -> dict:
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="corpus folder (new, empty, or an "
                    "earlier build with the same settings to finish)")
     p.add_argument("--size", default="small", metavar="SIZE",
-                   help="tiny, small, full, or kind=N,... (default: small)")
+                   help="tiny, small, medium, full, or kind=N,... (default: small)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--jobs", "-j", type=positive_int, default=None, metavar="N",
                    help="worker processes (default: the number of CPUs)")

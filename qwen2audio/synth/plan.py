@@ -22,6 +22,7 @@ ALL = -1  # asterisk count meaning "every usable clip"
 SIZES = {
     "tiny": {"speech": 8, "chat": 8, "asterisk": 10, "sound": 8, "music": 4, "mixture": 4},
     "small": {"speech": 1500, "chat": 1500, "asterisk": 500, "sound": 600, "music": 300, "mixture": 400},
+    "medium": {"speech": 6000, "chat": 4500, "asterisk": ALL, "sound": 1800, "music": 1000, "mixture": 1200},
     "full": {"speech": 8000, "chat": 8000, "asterisk": ALL, "sound": 3000, "music": 1500, "mixture": 2000},
 }
 HELDOUT_EVERY = 10  # synthetic items 0, 10, 20, ... of a kind are held out (their content from the held-out side)
