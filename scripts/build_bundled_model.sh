@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the small bundled Qwen2-Audio model (issue 6) from scratch, on CPU:
-#   synth corpus (--size small) -> init (own BPE + Whisper tiny.en encoder + random small Qwen2 decoder)
+#   synth corpus (--size medium) -> init (own BPE + Whisper tiny.en encoder + random small Qwen2 decoder)
 #   -> pretrain -> SFT -> DPO pairs from the SFT model's greedy answers -> DPO -> fp16 release
 #   -> `qwen2audio eval` on the held-out sets + DPO preference accuracy (WORK/quality.json).
 #
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 
 WORK=${WORK:-runs/bundle}
-SIZE=${SIZE:-small}                 # synth --size: tiny, small, full or kind=N,...
+SIZE=${SIZE:-medium}                # synth --size: tiny, small, medium, full or kind=N,...
 SOURCES=${SOURCES:-}                # synth --sources (empty: all)
 SEED=${SEED:-0}
 JOBS=${JOBS:-$(nproc)}
@@ -27,14 +27,14 @@ LAYERS=${LAYERS:-6}
 HEADS=${HEADS:-6}
 KV_HEADS=${KV_HEADS:-2}
 FFN=${FFN:-1536}
-# Step counts: sized for well under 90 minutes per stage on 2 CPU cores (measured, see the README).
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-2000}
+# Step counts: each `train` run stays under an hour on 2 CPU cores (measured, see the README).
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-6000}
 PRETRAIN_LR=${PRETRAIN_LR:-1e-3}
 PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
-SFT_STEPS=${SFT_STEPS:-800}
+SFT_STEPS=${SFT_STEPS:-1200}
 SFT_LR=${SFT_LR:-3e-4}
 SFT_BATCH=${SFT_BATCH:-8}
-SFT_REPLAY=${SFT_REPLAY:-0}         # pre-training task records mixed into SFT, as a fraction of its records
+SFT_REPLAY=${SFT_REPLAY:-0.3}       # pre-training task records mixed into SFT, as a fraction of its records
 DPO_STEPS=${DPO_STEPS:-250}
 DPO_LR=${DPO_LR:-5e-6}
 DPO_BATCH=${DPO_BATCH:-4}

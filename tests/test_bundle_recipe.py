@@ -249,3 +249,11 @@ def test_sft_replay_mixes_in_pretraining_task_records(tmp_path):
     assert len(replayed) == 3 and set(replayed) <= set(tasks) and len(set(replayed)) == 3
     assert lines != chats + replayed  # shuffled in, not appended
     assert sft_data(tmp_path, 0.3, seed=0).read_text() == mixed.read_text()  # reused as it is
+
+
+def test_card_names_the_synth_size_that_built_the_corpus():
+    from qwen2audio.bundle.card import size_argument
+    from qwen2audio.synth.plan import ALL, SIZES
+
+    assert size_argument(dict(SIZES["medium"])) == "medium"
+    assert size_argument({"speech": 10, "chat": 0, "asterisk": ALL}) == "speech=10,asterisk=all"

@@ -446,7 +446,7 @@ def install(r: "Recipe", release: Path, quality: dict, dest: str | Path) -> Path
 class Recipe:
     work: Path
     corpus: Path | None = None  # default: work/corpus
-    size: str = "small"
+    size: str = "medium"
     sources: str | None = None
     seed: int = 0
     jobs: int | None = None
@@ -460,17 +460,17 @@ class Recipe:
     eval_limit: int = 200  # held-out SFT records turned into held-out DPO pairs
     use_eval_data: bool = True
     install_dir: Path | None = None  # copy the release (with its model card) here
-    sft_replay: float = 0.0  # pre-training task records mixed into SFT, as a fraction of the SFT records
+    sft_replay: float = 0.3  # pre-training task records mixed into SFT, as a fraction of the SFT records
 
     def __post_init__(self):
         self.work = Path(self.work)
         self.corpus = Path(self.corpus) if self.corpus else self.work / "corpus"
         self.dims = self.dims or TextDims()
-        # Sized for well under 90 minutes per stage on 2 CPU cores: about 1.4 s (pretrain), 3.3 s (SFT)
-        # and 2.7 s (DPO) per step measured at these batch sizes on the small corpus's short clips.
-        self.pretrain = self.pretrain or StageSettings(max_steps=2000, lr=1e-3, batch_size=8, warmup_steps=100,
+        # Measured on 2 CPU cores (bf16 autocast, AMX) on the medium corpus: about 1.2 s (pretrain), 1.4 s (SFT)
+        # and 2.5 s (DPO) per step, so pre-training needs two `train` runs of under an hour (steps_per_run).
+        self.pretrain = self.pretrain or StageSettings(max_steps=6000, lr=1e-3, batch_size=8, warmup_steps=100,
                                                        save_every=100)
-        self.sft = self.sft or StageSettings(max_steps=800, lr=3e-4, batch_size=8, warmup_steps=50, save_every=100)
+        self.sft = self.sft or StageSettings(max_steps=1200, lr=3e-4, batch_size=8, warmup_steps=50, save_every=100)
         self.dpo = self.dpo or StageSettings(max_steps=250, lr=5e-6, batch_size=4, warmup_steps=10, save_every=100,
                                              extra=("--set", "beta=0.1"))
 
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="folder for the corpus, checkpoints and eval results")
     p.add_argument("--corpus", default=None, help="corpus folder (default: WORK/corpus)")
-    p.add_argument("--size", default="small", help="synth --size (default: small)")
+    p.add_argument("--size", default=base.size, help="synth --size (default: %(default)s)")
     p.add_argument("--sources", default=None, help="synth --sources (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None)
@@ -537,8 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     for name in STAGES:
         _stage_args(p, name, getattr(base, name))
-    p.add_argument("--steps-per-run", type=int, default=0, metavar="N", help="split each training stage into "
-                   "`qwen2audio train` runs of at most N steps, each resuming the last (default: 0 = one run)")
+    p.add_argument("--steps-per-run", type=int, default=3000, metavar="N", help="split each training stage into "
+                   "`qwen2audio train` runs of at most N steps, each resuming the last; 0: one run (default: "
+                   "%(default)s)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="training precision of every stage (default: auto = bf16 autocast on GPUs that support it, "
                    "else fp32; bf16 is also faster on CPUs with AMX)")
@@ -548,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", metavar="DIR", default=None, help="copy the fp16 release with its model card here "
                    "(the bundled model lives in qwen2audio/assets/model)")
     p.add_argument("--no-eval-data", action="store_true", help="skip the held-out loss during training")
-    p.add_argument("--sft-replay", type=float, default=0.0, metavar="F", help="mix F x (SFT records) pre-training "
-                   "task records into SFT so it keeps the base model's raw-prompt tasks (default: 0)")
+    p.add_argument("--sft-replay", type=float, default=base.sft_replay, metavar="F", help="mix F x (SFT records) "
+                   "pre-training task records into SFT so it keeps the base model's raw-prompt tasks (default: "
+                   "%(default)s)")
     args = p.parse_args(argv)
     dims = TextDims(**{k: getattr(args, k) for k, v in asdict(base.dims).items() if not isinstance(v, bool)})
     recipe = Recipe(work=Path(args.work), corpus=args.corpus, size=args.size, sources=args.sources, seed=args.seed,
