@@ -27,7 +27,7 @@ LAYERS=${LAYERS:-6}
 HEADS=${HEADS:-6}
 KV_HEADS=${KV_HEADS:-2}
 FFN=${FFN:-1536}
-# Step counts: each `train` run stays under an hour on 2 CPU cores (measured, see the README).
+# Step counts: each `train` run takes about an hour at most on 2 CPU cores (measured, see the README).
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-6000}
 PRETRAIN_LR=${PRETRAIN_LR:-1e-3}
 PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}

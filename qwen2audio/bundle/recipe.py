@@ -467,7 +467,7 @@ class Recipe:
         self.corpus = Path(self.corpus) if self.corpus else self.work / "corpus"
         self.dims = self.dims or TextDims()
         # Measured on 2 CPU cores (bf16 autocast, AMX) on the medium corpus: about 1.2 s (pretrain), 1.4 s (SFT)
-        # and 2.5 s (DPO) per step, so pre-training needs two `train` runs of under an hour (steps_per_run).
+        # and 2.5 s (DPO) per step, so pre-training takes two `train` runs of about an hour (steps_per_run).
         self.pretrain = self.pretrain or StageSettings(max_steps=6000, lr=1e-3, batch_size=8, warmup_steps=100,
                                                        save_every=100)
         self.sft = self.sft or StageSettings(max_steps=1200, lr=3e-4, batch_size=8, warmup_steps=50, save_every=100)
