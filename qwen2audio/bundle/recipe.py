@@ -208,8 +208,8 @@ def train_command(stage: str, model: Path, data: Path, output: Path, s: StageSet
 
 
 def _latest_checkpoint_step(output: Path) -> int:
-    steps = [int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()]
-    return max(steps, default=0)
+    names = (p.name.removeprefix("step-") for p in (output / "checkpoints").glob("step-*"))
+    return max((int(n) for n in names if n.isdigit()), default=0)
 
 
 def run_stage(stage: str, model: str | Path, data: str | Path, output: str | Path, settings: StageSettings,
@@ -226,9 +226,9 @@ def run_stage(stage: str, model: str | Path, data: str | Path, output: str | Pat
     run_seconds = []
     while not (output / "config.json").exists():
         reached = _latest_checkpoint_step(output)
-        run = settings
-        if settings.steps_per_run and not settings.stop_at_step and reached + settings.steps_per_run < settings.max_steps:
-            run = replace(settings, stop_at_step=reached + settings.steps_per_run)
+        run, per_run = settings, settings.steps_per_run
+        if per_run and not settings.stop_at_step and reached + per_run < settings.max_steps:
+            run = replace(settings, stop_at_step=reached + per_run)
         cmd = train_command(stage, Path(model), Path(data), output, run, Path(eval_data) if eval_data else None,
                             resume=reached > 0)
         _log(f"{stage}: {f'resuming at step {reached}' if reached else 'starting'}: {' '.join(cmd)}")
