@@ -1,7 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Nothing may come from a model hub: every checkpoint and tokenizer a test opens is built on disk by the test.
+# Set before any test module imports transformers / huggingface_hub, so a stray hub name fails, never downloads.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -129,7 +129,6 @@ def test_dpo_and_pretrain_records_are_checked(clips, tok):
     assert tok.decode([t for t in seq.labels if t != IGNORE], False) == " <|en|>hello<|endoftext|>"
 
 
-
 def test_sft_data_may_mix_in_pretraining_task_records(clips, tok):
     task = {"task": "asr", "audio": "a.wav", "label": "hello", "language": "en"}
     mixed = write_jsonl(clips / "mixed.jsonl", [chat("<audio>Hi", "good", ["a.wav"]), task,

@@ -10,8 +10,8 @@ from ..synth.plan import ALL, SIZES
 
 SET_TITLES = {"asr_synth": "ASR, held-out TTS speech", "asr_real": "ASR, held-out real recordings (Asterisk)",
               "sound": "sound-event classification", "instrument": "instrument classification",
-              "voice_chat": "voice chat, held-out questions", "voice_chat_known": "voice chat, known questions, new recordings",
-              "analysis": "audio analysis (audio + text question)"}
+              "voice_chat": "voice chat, held-out questions",
+              "voice_chat_known": "voice chat, known questions, new recordings", "analysis": "audio analysis (audio + text question)"}
 STAGE_TITLES = {"pretrain": "base (pre-trained)", "sft": "SFT", "release": "shipped (DPO, fp16)"}
 
 
@@ -52,6 +52,11 @@ def source_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_minutes(done: dict) -> str:
+    """Minutes of each `train` run of a stage's .bundle_done record, e.g. "52.1 + 50.3" (older records: one total)."""
+    return " + ".join(f"{seconds / 60:.1f}" for seconds in done.get("run_seconds", [done["seconds"]]))
+
+
 def size_argument(counts: dict[str, int]) -> str:
     """The `synth --size` value that builds these per-kind counts: a named size where one matches."""
     named = [name for name, sizes in SIZES.items() if sizes == counts]
@@ -70,7 +75,7 @@ def write_model_card(path: str | Path, quality: dict, init_info: dict, manifest:
     pref = quality["preference"]
     stage_rows = "\n".join(
         f"| {name} | {s['settings']['max_steps']} | {s['settings']['batch_size']} | {s['settings']['lr']:g} | "
-        f"{' + '.join(f'{x / 60:.1f}' for x in s.get('run_seconds', [s['seconds']]))} |" for name, s in stages.items())
+        f"{_run_minutes(s)} |" for name, s in stages.items())
     notes_section = f"\n### Notes on this build\n\n{notes.strip()}\n" if notes.strip() else ""
     size = size_argument(manifest["settings"]["counts"])
     text = f"""# qwen2audio-bundled-tiny

@@ -208,8 +208,10 @@ def train_command(stage: str, model: Path, data: Path, output: Path, s: StageSet
 
 
 def _latest_checkpoint_step(output: Path) -> int:
-    names = (p.name.removeprefix("step-") for p in (output / "checkpoints").glob("step-*"))
-    return max((int(n) for n in names if n.isdigit()), default=0)
+    from ..train.checkpoint import latest_checkpoint, step_of
+
+    latest = latest_checkpoint(output / "checkpoints")
+    return step_of(latest) if latest else 0
 
 
 def run_stage(stage: str, model: str | Path, data: str | Path, output: str | Path, settings: StageSettings,

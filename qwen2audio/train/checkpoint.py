@@ -108,7 +108,8 @@ def clean_partial(root: str | Path) -> list[Path]:
 
 
 # ---- reading -----------------------------------------------------------------------------------
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint folder (OUTPUT/checkpoints/step-N) holds, from its name; None for other names."""
     name = path.name
     if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
         return None
@@ -120,8 +121,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None and (p / STATE).is_file()]
-    return sorted(found, key=_step_of)
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and (p / STATE).is_file()]
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -184,4 +185,4 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, names: dict[int, st
 
 
 __all__ = ["Checkpoint", "CheckpointError", "clean_partial", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-           "optimizer_from_tensors", "optimizer_to_tensors", "save_checkpoint"]
+           "optimizer_from_tensors", "optimizer_to_tensors", "save_checkpoint", "step_of"]
