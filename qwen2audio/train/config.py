@@ -79,6 +79,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's local GPU)
     num_workers: int = 0  # DataLoader worker processes
+    audio_cache_gb: float = 4.0  # frozen audio tower: keep its outputs in RAM up to this size and reuse them (0: off)
     # ---- checkpoints and logging -------------------------------------------------------------
     save_every: int = 0  # steps between checkpoints (0: only the last step)
     keep_last: int = 2  # checkpoints kept in output/checkpoints
@@ -109,7 +110,7 @@ class TrainConfig:
         for name in ("eval_every", "warmup_steps", "max_steps", "stop_at_step", "save_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "lora_dropout", "min_lr_ratio", "adam_eps"):
+        for name in ("weight_decay", "max_grad_norm", "lora_dropout", "min_lr_ratio", "adam_eps", "audio_cache_gb"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -26,6 +26,7 @@ from .config import TrainConfig, TrainConfigError
 from .data import BatchStream, Collate, ExampleDataset, eval_batches
 from .objectives import DPOObjective, LMObjective, precompute_reference
 from .records import load_examples
+from .tower_cache import TowerCache
 
 # Options a resumed run must share with the checkpoint's run: they shape the weights, the optimizer or the data order.
 RESUME_INVARIANTS = ("stage", "model", "data", "freeze_audio_tower", "freeze_projector", "freeze_llm", "lora", "lora_r",
@@ -106,6 +107,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
     if cfg.gradient_checkpointing:
         setup.enable_gradient_checkpointing(model, cfg)
     model.train()
+    tower_cache = None
+    if cfg.freeze_audio_tower and cfg.audio_cache_gb > 0:
+        tower_cache = TowerCache.install(model.audio_tower, int(cfg.audio_cache_gb * 2**30))
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = f"LoRA r={cfg.lora_r} on {len(targets)} layers" if cfg.lora else ", ".join(setup.trainable_parts(cfg))
@@ -192,6 +196,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
     bar.close()
     if metrics is not None:
         metrics.close()
+    if tower_cache is not None and tower_cache.hits + tower_cache.misses:
+        say(f"audio tower cache: {tower_cache.hits} of {tower_cache.hits + tower_cache.misses} windows reused, "
+            f"{len(tower_cache.states)} kept ({tower_cache.bytes / 2**20:.0f} MiB)")
 
     # ---- the result ---------------------------------------------------------------------------
     if d.enabled:
