@@ -1,6 +1,6 @@
 """Reproducible recipe for the small bundled model (issue 6).
 
-    synth corpus -> init (own BPE + Whisper tiny.en encoder + random small Qwen2) -> pretrain
+    synth corpus -> init (own BPE + Whisper tiny.en or base encoder + random small Qwen2) -> pretrain
     -> knowledge (text-only chats: the facts a text-pretrained LLM would bring) -> SFT
     -> DPO pairs from the SFT model's own greedy answers -> DPO -> held-out exact-match eval
 
@@ -233,10 +233,10 @@ def init_model(corpus_dir: str | Path, out_dir: str | Path, whisper_bin: str | P
 # ---- 2. training stages ------------------------------------------------------------------------
 def train_command(stage: str, model: Path, data: Path, output: Path, s: StageSettings,
                   eval_data: Path | None = None, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "qwen2audio", "train", "--stage", TRAINER_STAGES.get(stage, stage), "--model", str(model), "--data", str(data),
-           "--output", str(output), "--max-steps", str(s.max_steps), "--lr", repr(s.lr),
-           "--batch-size", str(s.batch_size), "--grad-accum", str(s.grad_accum), "--save-every", str(s.save_every),
-           "--no-progress", "--skip-bad-records", "--set", f"warmup_steps={s.warmup_steps}"]
+    cmd = [sys.executable, "-m", "qwen2audio", "train", "--stage", TRAINER_STAGES.get(stage, stage),
+           "--model", str(model), "--data", str(data), "--output", str(output), "--max-steps", str(s.max_steps),
+           "--lr", repr(s.lr), "--batch-size", str(s.batch_size), "--grad-accum", str(s.grad_accum),
+           "--save-every", str(s.save_every), "--no-progress", "--skip-bad-records", "--set", f"warmup_steps={s.warmup_steps}"]
     if eval_data is not None:
         cmd += ["--eval-data", str(eval_data)]
     if s.stop_at_step:
