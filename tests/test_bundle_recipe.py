@@ -136,6 +136,7 @@ def test_release_is_the_dpo_model_in_fp16_and_installs_with_a_card(toy):
     assert "| sound-event classification | `vsc` |" in card and "preference accuracy" in card
     assert "`qwen2audio synth --size sound=30 --seed 0`" in card
     assert "### Notes on this build\n\nThe DPO stage was stopped once on purpose.\n" in card
+    assert "the Whisper tiny.en encoder" in card and "| knowledge | 2 | 4 |" in card
     quality = json.loads((toy["work"] / "quality.json").read_text())
     assert f"SFT {100 * quality['preference']['sft']['accuracy']:.1f} %" in card
     pipe = qwen2audio.load(installed, device="cpu", progress=False)
