@@ -286,13 +286,15 @@ def test_every_question_enumerates_what_the_generators_ask():
 
 
 def test_knowledge_chats_hold_every_training_side_question_and_no_heldout_one(corpus):
-    from qwen2audio.synth.knowledge import KNOWLEDGE_FILE, MIN_RECORDS_PER_KEY, knowledge_records
+    from qwen2audio.synth.knowledge import (KNOWLEDGE_FILE, MIN_RECORDS_PER_KEY, STATEMENT_KINDS, STATEMENT_PROMPTS,
+                                            knowledge_records)
 
     root, manifest, _ = corpus
     rows = read_jsonl(root / KNOWLEDGE_FILE)
     assert rows == knowledge_records(seed=0) and manifest["files"][KNOWLEDGE_FILE] == len(rows)
     answers = {q["question"]: q for q in questions.every_question()}
-    seen = Counter()
+    stated = {q["answer"]: q for q in answers.values() if q["kind"] in STATEMENT_KINDS}
+    seen, statements = Counter(), Counter()
     for row in rows:
         assert set(row) == {"messages"}  # text only: no audios
         (user, assistant) = row["messages"]
@@ -302,11 +304,18 @@ def test_knowledge_chats_hold_every_training_side_question_and_no_heldout_one(co
             assert assistant["content"] == question.removeprefix("Repeat after me: ")
             assert not is_heldout(f"repeat:{assistant['content']}")
             continue
+        if question in STATEMENT_PROMPTS:  # the answer alone, after a prompt that does not name the question
+            q = stated[assistant["content"]]
+            assert not is_heldout(q["key"])
+            statements[q["key"]] += 1
+            continue
         q = answers[question]
         assert assistant["content"] == q["answer"] and not is_heldout(q["key"])
         seen[q["key"]] += 1
     train_keys = {q["key"] for q in answers.values() if not is_heldout(q["key"])}
     assert set(seen) == train_keys and min(seen.values()) >= MIN_RECORDS_PER_KEY
+    assert set(statements) == {k for k in train_keys if k.split(":")[0] in STATEMENT_KINDS}
+    assert all(statements[k] == seen[k] for k in statements)
     assert any(is_heldout(q["key"]) for q in answers.values())  # there were held-out ones to leave out
 
 

@@ -9,6 +9,13 @@ never appear here, so the held-out voice-chat set stays unseen content.
 
     {"messages": [{"role": "user", "content": "What is sixteen minus eight?"},
                   {"role": "assistant", "content": "16 minus 8 is 8."}]}
+
+Each answer also comes as a *statement*, after a user turn that does not name the question ("Tell me
+a fact."). In voice chat the question is only in the audio, but the answer restates it ("The capital
+of Greece is ..."): a model that learned the facts only as replies to written questions looks the
+answer up in the question's text, which voice chat does not have (measured: knowledge from
+question-answer chats alone did not reach voice chat at all). Statements teach the completion from
+the answer's own opening words, which voice chat has.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from .split import is_heldout
 KNOWLEDGE_FILE = "knowledge_train.jsonl"
 MIN_RECORDS_PER_KEY = 5  # a fact with one wording is written 5 times, as often as a sum with its 5 wordings
 REPEAT_RECORDS = 600  # "repeat after me" with training-side sentences: the copying habit, not facts
+STATEMENT_PROMPTS = ("Tell me a fact.", "Tell me something you know.", "Say one thing you know.", "Go on.")
+STATEMENT_KINDS = ("arithmetic", "capital", "fact", "spell", "sequence", "opposite")  # answers that restate the question
 
 
 def _chat(q: dict) -> dict:
@@ -33,12 +42,16 @@ def _chat(q: dict) -> dict:
 
 
 def knowledge_records(seed: int = 0) -> list[dict]:
-    """Every training-side question in every wording (rare keys repeated), plus "repeat after me"
-    chats, in a seeded order."""
+    """Every training-side question in every wording (rare keys repeated), the same answers as
+    statements, plus "repeat after me" chats, in a seeded order."""
     rng = np.random.default_rng([seed, 11])
     train_side = [q for q in questions.every_question() if not is_heldout(q["key"])]
     per_key = Counter(q["key"] for q in train_side)
     records = [_chat(q) for q in train_side for _ in range(ceil(MIN_RECORDS_PER_KEY / per_key[q["key"]]))]
+    # One statement per wording: the same count per key as the question-answer chats.
+    records += [_chat({"question": STATEMENT_PROMPTS[int(rng.integers(len(STATEMENT_PROMPTS)))], "answer": q["answer"]})
+                for q in train_side if q["kind"] in STATEMENT_KINDS
+                for _ in range(ceil(MIN_RECORDS_PER_KEY / per_key[q["key"]]))]
     while sum(1 for r in records if r["messages"][0]["content"].startswith("Repeat after me")) < REPEAT_RECORDS:
         q = questions.repeat(rng)
         if not is_heldout(q["key"]):
