@@ -13,9 +13,13 @@ never appear here, so the held-out voice-chat set stays unseen content.
 Each answer also comes as a *statement*, after a user turn that does not name the question ("Tell me
 a fact."). In voice chat the question is only in the audio, but the answer restates it ("The capital
 of Greece is ..."): a model that learned the facts only as replies to written questions looks the
-answer up in the question's text, which voice chat does not have (measured: knowledge from
-question-answer chats alone did not reach voice chat at all). Statements teach the completion from
-the answer's own opening words, which voice chat has.
+answer up in the question's text, which voice chat does not have. Statements teach the completion
+from the answer's own opening words, which voice chat has.
+
+Measured on the bundled model's pre-trained base (README, "The bundled model"): after this stage the
+model answers typed questions from the closed world, but accuracy on known *spoken* questions did
+not rise (13 % with question-answer chats, 9 % with statements too, 9 % without the stage); it
+mostly mishears the key word or restates the question and then ignores the fact.
 """
 
 from __future__ import annotations
