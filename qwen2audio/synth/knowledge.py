@@ -56,10 +56,12 @@ def knowledge_records(seed: int = 0) -> list[dict]:
     records += [_chat({"question": STATEMENT_PROMPTS[int(rng.integers(len(STATEMENT_PROMPTS)))], "answer": q["answer"]})
                 for q in train_side if q["kind"] in STATEMENT_KINDS
                 for _ in range(ceil(MIN_RECORDS_PER_KEY / per_key[q["key"]]))]
-    while sum(1 for r in records if r["messages"][0]["content"].startswith("Repeat after me")) < REPEAT_RECORDS:
+    repeats = 0
+    while repeats < REPEAT_RECORDS:
         q = questions.repeat(rng)
         if not is_heldout(q["key"]):
             records.append(_chat(q))
+            repeats += 1
     return [records[i] for i in rng.permutation(len(records))]
 
 

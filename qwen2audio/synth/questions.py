@@ -78,6 +78,11 @@ def _pick(rng, seq):
 CAPITAL_WORDINGS = ["What is the capital of {c}?", "Which city is the capital of {c}?", "Tell me the capital of {c}."]
 
 
+def _operands(op: str) -> tuple[int, int]:
+    """[low, high) of both operands: times tables to 10, sums and differences to 20."""
+    return (1, 11) if op == "times" else (0, 21)
+
+
 # One builder per kind turns the content (numbers, words, wording) into the question dict; the
 # random generators below draw the content and `every_question` enumerates it.
 def _arithmetic(a: int, op: str, b: int, wording: str) -> dict:
@@ -123,12 +128,10 @@ def _greeting(question: str) -> dict:
 
 def arithmetic(rng: np.random.Generator) -> dict:
     op = _pick(rng, list(OPERATIONS))
-    if op == "times":
-        a, b = int(rng.integers(1, 11)), int(rng.integers(1, 11))
-    else:
-        a, b = int(rng.integers(0, 21)), int(rng.integers(0, 21))
-        if op == "minus" and b > a:  # keep results non-negative
-            a, b = b, a
+    low, high = _operands(op)
+    a, b = int(rng.integers(low, high)), int(rng.integers(low, high))
+    if op == "minus" and b > a:  # keep results non-negative
+        a, b = b, a
     return _arithmetic(a, op, b, _pick(rng, ARITHMETIC_WORDINGS))
 
 
@@ -193,9 +196,9 @@ def every_question() -> list[dict]:
     is left out (its phrases are open-ended sentences)."""
     out = []
     for op in OPERATIONS:
-        small = range(1, 11) if op == "times" else range(0, 21)
-        for a in small:
-            for b in small:
+        operands = range(*_operands(op))
+        for a in operands:
+            for b in operands:
                 if op != "minus" or b <= a:
                     out += [_arithmetic(a, op, b, w) for w in ARITHMETIC_WORDINGS]
     out += [_capital(c, w) for c in CAPITALS for w in CAPITAL_WORDINGS]
