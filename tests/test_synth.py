@@ -334,3 +334,15 @@ def test_cli_builds_and_reports_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(MissingToolError, match="fluidsynth"):
         check_sources({"music"}, {"music": 1}, None)
     shutil.rmtree(out)
+
+
+def test_tts_timeout_is_retried_once_then_reported(tmp_path, monkeypatch):
+    # A starved or paused machine can stall one TTS call; a longer second try must rescue the item.
+    monkeypatch.setattr(tts, "TIMEOUTS_S", (0.3, 20))
+    marker = tmp_path / "tried"
+    stall_once = ["sh", "-c", f'[ -e "{marker}" ] && exit 0; touch "{marker}"; exec sleep 30']
+    tts._run(stall_once, None, "slow engine")
+    assert marker.exists()
+    monkeypatch.setattr(tts, "TIMEOUTS_S", (0.2, 0.3))
+    with pytest.raises(SynthError, match=r"slow engine did not finish in 0.2 s, then 0.3 s"):
+        tts._run(["sleep", "30"], None, "slow engine")

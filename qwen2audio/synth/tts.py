@@ -93,13 +93,21 @@ def voice_name(voice: dict) -> str:
     return f"{program}:{voice['voice']}{suffix}"
 
 
+# A TTS call takes a second or two; a timeout means the machine was starved or the build paused (SIGSTOP
+# keeps the wall clock running), so one longer retry is tried before the item, and the build, fails.
+TIMEOUTS_S = (120, 600)
+
+
 def _run(command: list[str], text: str | None, what: str) -> None:
-    try:
-        subprocess.run(command, input=text, capture_output=True, text=True, check=True, timeout=120)
-    except subprocess.CalledProcessError as e:
-        raise SynthError(f"{what} failed (exit {e.returncode}): {' '.join(e.stderr.split())[:200]}") from None
-    except subprocess.TimeoutExpired:
-        raise SynthError(f"{what} did not finish in 120 s") from None
+    for timeout in TIMEOUTS_S:
+        try:
+            subprocess.run(command, input=text, capture_output=True, text=True, check=True, timeout=timeout)
+            return
+        except subprocess.CalledProcessError as e:
+            raise SynthError(f"{what} failed (exit {e.returncode}): {' '.join(e.stderr.split())[:200]}") from None
+        except subprocess.TimeoutExpired:
+            continue
+    raise SynthError(f"{what} did not finish in {' s, then '.join(map(str, TIMEOUTS_S))} s") from None
 
 
 def speak(text: str, voice: dict) -> np.ndarray:
