@@ -35,11 +35,12 @@ PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
 KNOWLEDGE_STEPS=${KNOWLEDGE_STEPS:-800}  # text-only knowledge chats (0: no knowledge stage)
 KNOWLEDGE_LR=${KNOWLEDGE_LR:-5e-4}
 KNOWLEDGE_BATCH=${KNOWLEDGE_BATCH:-32}
-SFT_STEPS=${SFT_STEPS:-1200}
-SFT_LR=${SFT_LR:-3e-4}
+SFT_STEPS=${SFT_STEPS:-3600}
+SFT_LR=${SFT_LR:-2e-4}
 SFT_BATCH=${SFT_BATCH:-8}
 SFT_REPLAY=${SFT_REPLAY:-0.3}       # pre-training task records mixed into SFT, as a fraction of its records
 SFT_KNOWLEDGE=${SFT_KNOWLEDGE:-0.2} # knowledge chats mixed into SFT, as a fraction of its records
+SFT_VOICE_CHAT=${SFT_VOICE_CHAT:-4} # times each voice-chat record (spoken question, no text) is in the SFT data
 DPO_STEPS=${DPO_STEPS:-250}
 DPO_LR=${DPO_LR:-5e-6}
 DPO_BATCH=${DPO_BATCH:-4}
@@ -60,7 +61,7 @@ args=(--work "$WORK" --whisper "$WHISPER" --size "$SIZE" --seed "$SEED" --jobs "
       --sft-steps "$SFT_STEPS" --sft-lr "$SFT_LR" --sft-batch-size "$SFT_BATCH" --sft-save-every "$SAVE_EVERY"
       --dpo-steps "$DPO_STEPS" --dpo-lr "$DPO_LR" --dpo-batch-size "$DPO_BATCH" --dpo-save-every "$SAVE_EVERY"
       --dpo-limit "$DPO_LIMIT" --eval-limit "$EVAL_LIMIT" --sft-replay "$SFT_REPLAY"
-      --sft-knowledge "$SFT_KNOWLEDGE"
+      --sft-knowledge "$SFT_KNOWLEDGE" --sft-voice-chat "$SFT_VOICE_CHAT"
       --steps-per-run "$STEPS_PER_RUN" --precision "$PRECISION")
 [ -n "$SOURCES" ] && args+=(--sources "$SOURCES")
 [ -n "$WHISPER_BIN" ] && args+=(--whisper-bin "$WHISPER_BIN")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -266,6 +267,25 @@ def test_sft_also_mixes_in_knowledge_chats(tmp_path):
     assert len([line for line in lines if '"task"' in line]) == 3
     mixed_knowledge = [line for line in lines if '"k"' in line]
     assert len(mixed_knowledge) == 2 and set(mixed_knowledge) <= set(knowledge)
+
+
+def test_sft_repeats_voice_chat_records(tmp_path):
+    from qwen2audio.bundle.recipe import is_voice_chat, sft_data
+
+    def chat(content, i):
+        return json.dumps({"messages": [{"role": "user", "content": content},
+                                        {"role": "assistant", "content": f"answer {i}"}], "audios": ["a.wav"]})
+
+    spoken = [chat("<audio>", i) for i in range(4)]
+    analysis = [chat("<audio>What do you hear?", i) for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("\n".join(spoken + analysis) + "\n")
+    (tmp_path / "pretrain_train.jsonl").write_text(json.dumps({"task": "asr"}) + "\n")
+    assert [is_voice_chat(line) for line in (spoken[0], analysis[0])] == [True, False]
+    mixed = sft_data(tmp_path, 0.0, seed=0, voice_chat=3)
+    assert mixed.name == "train_replay0_voicechat3.jsonl"
+    counts = Counter(mixed.read_text().splitlines())
+    assert {counts[line] for line in spoken} == {3} and {counts[line] for line in analysis} == {1}
+    assert sum(counts.values()) == 4 * 3 + 6
 
 
 def test_knowledge_stage_trains_sft_on_the_text_only_chats(toy):

@@ -134,8 +134,10 @@ Pre-training reads the base model's raw task prompts (`<|audio_bos|><|AUDIO|><|a
 recognize the speech:` -> ` <|en|>...`). The knowledge stage is SFT on text-only chats with every training-side
 voice-chat question and its answer (`knowledge_train.jsonl`): the facts, sums and spellings a text-pretrained LLM
 would bring, which the random-initialised decoder has no other way to learn than from a few spoken questions.
-SFT reads the chat template with both modes (plus pre-training replay and some knowledge chats), and DPO pairs whose rejected answer
-is the SFT model's own wrong greedy answer (or, where it was right, another label), chosen = the label.
+SFT reads the chat template with both modes (plus pre-training replay and some knowledge chats; each voice-chat
+record several times, `--sft-voice-chat`, since a spoken question needs more passes than the other tasks), and DPO
+pairs whose rejected answer is the SFT model's own wrong greedy answer (or, where it was right, another label),
+chosen = the label.
 
 ## Measured quality (held-out split, greedy decoding)
 Reproduce a row with e.g. `qwen2audio eval --task asr --data CORPUS/eval_asr_synth.jsonl --output out/`

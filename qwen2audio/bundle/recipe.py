@@ -293,14 +293,22 @@ def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def sft_data(corpus: Path, replay: float, seed: int, knowledge: float = 0.0) -> Path:
+def is_voice_chat(line: str) -> bool:
+    """A voice-chat record: the user turn is audio alone, the instruction is spoken."""
+    messages = json.loads(line).get("messages") or [{}]
+    return messages[0].get("role") == "user" and messages[0].get("content") == "<audio>"
+
+
+def sft_data(corpus: Path, replay: float, seed: int, knowledge: float = 0.0, voice_chat: int = 1) -> Path:
     """train.jsonl, or a copy that also holds `replay` x (its size) pre-training task records from
-    pretrain_train.jsonl, so SFT keeps the base model's raw-prompt tasks, and `knowledge` x (its size)
-    text-only knowledge chats, so it keeps what the knowledge stage taught; all shuffled in."""
-    if replay <= 0 and knowledge <= 0:
+    pretrain_train.jsonl, so SFT keeps the base model's raw-prompt tasks, `knowledge` x (its size)
+    text-only knowledge chats, so it keeps what the knowledge stage taught, and each voice-chat record
+    `voice_chat` times in all (voice chat needs more passes than the other tasks); all shuffled in."""
+    if replay <= 0 and knowledge <= 0 and voice_chat <= 1:
         return corpus / "train.jsonl"
-    out = corpus / (f"train_replay{replay:g}.jsonl" if knowledge <= 0 else
-                    f"train_replay{replay:g}_knowledge{knowledge:g}.jsonl")
+    parts = [f"replay{replay:g}"] + [f"knowledge{knowledge:g}"] * (knowledge > 0) + [f"voicechat{voice_chat}"] * (
+        voice_chat > 1)
+    out = corpus / f"train_{'_'.join(parts)}.jsonl"
     if out.exists():
         return out
     chats = _lines(corpus / "train.jsonl")
@@ -310,6 +318,7 @@ def sft_data(corpus: Path, replay: float, seed: int, knowledge: float = 0.0) -> 
         if fraction > 0:
             pool = _lines(corpus / name)
             lines += rng.sample(pool, min(len(pool), round(fraction * len(chats))))
+    lines += [line for line in chats if is_voice_chat(line)] * (voice_chat - 1)
     rng.shuffle(lines)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -516,6 +525,7 @@ class Recipe:
     install_dir: Path | None = None  # copy the release (with its model card) here
     sft_replay: float = 0.3  # pre-training task records mixed into SFT, as a fraction of the SFT records
     sft_knowledge: float = 0.2  # knowledge chats mixed into SFT, as a fraction of the SFT records
+    sft_voice_chat: int = 4  # times each voice-chat record appears in the SFT data
 
     def __post_init__(self):
         self.work = Path(self.work)
@@ -528,7 +538,8 @@ class Recipe:
         # Text-only knowledge steps are short (about 1 s for 32 chats), so that stage uses big batches.
         self.knowledge = self.knowledge or StageSettings(max_steps=800, lr=5e-4, batch_size=32, warmup_steps=50,
                                                          save_every=100)
-        self.sft = self.sft or StageSettings(max_steps=1200, lr=3e-4, batch_size=8, warmup_steps=50, save_every=100)
+        # SFT repeats each voice-chat record (sft_voice_chat), so it needs about three times the steps of one pass.
+        self.sft = self.sft or StageSettings(max_steps=3600, lr=2e-4, batch_size=8, warmup_steps=50, save_every=100)
         self.dpo = self.dpo or StageSettings(max_steps=250, lr=5e-6, batch_size=4, warmup_steps=10, save_every=100,
                                              extra=("--set", "beta=0.1"))
 
@@ -556,8 +567,8 @@ def run_pipeline(r: Recipe) -> dict[str, Path]:
         out["knowledge"] = before_sft = run_stage("knowledge", out["pretrain"], c / KNOWLEDGE_FILE,
                                                   r.work / "knowledge", r.knowledge)
     knowledge_mix = r.sft_knowledge if r.knowledge.max_steps > 0 else 0.0
-    out["sft"] = run_stage("sft", before_sft, sft_data(c, r.sft_replay, r.seed, knowledge_mix), r.work / "sft",
-                           r.sft, ev("heldout.jsonl"))
+    sft_jsonl = sft_data(c, r.sft_replay, r.seed, knowledge_mix, r.sft_voice_chat)
+    out["sft"] = run_stage("sft", before_sft, sft_jsonl, r.work / "sft", r.sft, ev("heldout.jsonl"))
     make_dpo_pairs(out["sft"], c / "train.jsonl", c / "dpo_pairs.jsonl", limit=r.dpo_limit, seed=r.seed)
     heldout_pairs = c / "dpo_pairs_heldout.jsonl"
     make_dpo_pairs(out["sft"], c / "heldout.jsonl", heldout_pairs, limit=r.eval_limit, seed=r.seed)
@@ -624,7 +635,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-knowledge", type=float, default=base.sft_knowledge, metavar="F", help="mix F x (SFT "
                    "records) knowledge chats into SFT so it keeps what the knowledge stage taught; ignored with "
                    "--knowledge-steps 0 (default: %(default)s)")
+    p.add_argument("--sft-voice-chat", type=int, default=base.sft_voice_chat, metavar="N", help="put each "
+                   "voice-chat record (spoken question, no text instruction) N times into SFT: a spoken question "
+                   "needs more passes than the other tasks (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.sft_voice_chat < 1:
+        p.error(f"--sft-voice-chat must be at least 1, got {args.sft_voice_chat}")
     dims = TextDims(**{k: getattr(args, k) for k, v in asdict(base.dims).items() if not isinstance(v, bool)})
     recipe = Recipe(work=Path(args.work), corpus=args.corpus, size=args.size, sources=args.sources, seed=args.seed,
                     jobs=args.jobs, whisper=args.whisper,
@@ -633,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                     **{n: _stage_from(args, n, getattr(base, n)) for n in STAGES},
                     dpo_limit=args.dpo_limit, eval_limit=args.eval_limit, use_eval_data=not args.no_eval_data,
                     install_dir=Path(args.install) if args.install else None, sft_replay=args.sft_replay,
-                    sft_knowledge=args.sft_knowledge)
+                    sft_knowledge=args.sft_knowledge, sft_voice_chat=args.sft_voice_chat)
     run_pipeline(recipe)
     return 0
 
