@@ -107,7 +107,7 @@ def _run(command: list[str], text: str | None, what: str) -> None:
             raise SynthError(f"{what} failed (exit {e.returncode}): {' '.join(e.stderr.split())[:200]}") from None
         except subprocess.TimeoutExpired:
             continue
-    raise SynthError(f"{what} did not finish in {' s, then '.join(map(str, TIMEOUTS_S))} s") from None
+    raise SynthError(f"{what} did not finish in {' s, then '.join(map(str, TIMEOUTS_S))} s")
 
 
 def speak(text: str, voice: dict) -> np.ndarray:
