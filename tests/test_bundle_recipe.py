@@ -270,7 +270,8 @@ def test_sft_also_mixes_in_knowledge_chats(tmp_path):
 
 
 def test_sft_repeats_voice_chat_records(tmp_path):
-    from qwen2audio.bundle.recipe import is_voice_chat, sft_data
+    from qwen2audio.bundle.recipe import sft_data
+    from qwen2audio.synth.records import is_voice_chat
 
     def chat(content, i):
         return json.dumps({"messages": [{"role": "user", "content": content},
@@ -280,7 +281,7 @@ def test_sft_repeats_voice_chat_records(tmp_path):
     analysis = [chat("<audio>What do you hear?", i) for i in range(6)]
     (tmp_path / "train.jsonl").write_text("\n".join(spoken + analysis) + "\n")
     (tmp_path / "pretrain_train.jsonl").write_text(json.dumps({"task": "asr"}) + "\n")
-    assert [is_voice_chat(line) for line in (spoken[0], analysis[0])] == [True, False]
+    assert [is_voice_chat(json.loads(line)) for line in (spoken[0], analysis[0])] == [True, False]
     mixed = sft_data(tmp_path, 0.0, seed=0, voice_chat=3)
     assert mixed.name == "train_replay0_voicechat3.jsonl"
     counts = Counter(mixed.read_text().splitlines())

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..synth.evalsets import eval_file, write_eval_sets
 from ..synth.knowledge import KNOWLEDGE_FILE, write_knowledge
+from ..synth.records import is_voice_chat
 
 DONE = ".bundle_done"  # written into a stage's output folder when the stage finished
 STAGES = ("pretrain", "knowledge", "sft", "dpo")
@@ -293,12 +294,6 @@ def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def is_voice_chat(line: str) -> bool:
-    """A voice-chat record: the user turn is audio alone, the instruction is spoken."""
-    messages = json.loads(line).get("messages") or [{}]
-    return messages[0].get("role") == "user" and messages[0].get("content") == "<audio>"
-
-
 def sft_data(corpus: Path, replay: float, seed: int, knowledge: float = 0.0, voice_chat: int = 1) -> Path:
     """train.jsonl, or a copy that also holds `replay` x (its size) pre-training task records from
     pretrain_train.jsonl, so SFT keeps the base model's raw-prompt tasks, `knowledge` x (its size)
@@ -306,9 +301,9 @@ def sft_data(corpus: Path, replay: float, seed: int, knowledge: float = 0.0, voi
     `voice_chat` times in all (voice chat needs more passes than the other tasks); all shuffled in."""
     if replay <= 0 and knowledge <= 0 and voice_chat <= 1:
         return corpus / "train.jsonl"
-    parts = [f"replay{replay:g}"] + [f"knowledge{knowledge:g}"] * (knowledge > 0) + [f"voicechat{voice_chat}"] * (
-        voice_chat > 1)
-    out = corpus / f"train_{'_'.join(parts)}.jsonl"
+    name = f"train_replay{replay:g}" + (f"_knowledge{knowledge:g}" if knowledge > 0 else "") + (
+        f"_voicechat{voice_chat}" if voice_chat > 1 else "")
+    out = corpus / f"{name}.jsonl"
     if out.exists():
         return out
     chats = _lines(corpus / "train.jsonl")
@@ -318,7 +313,7 @@ def sft_data(corpus: Path, replay: float, seed: int, knowledge: float = 0.0, voi
         if fraction > 0:
             pool = _lines(corpus / name)
             lines += rng.sample(pool, min(len(pool), round(fraction * len(chats))))
-    lines += [line for line in chats if is_voice_chat(line)] * (voice_chat - 1)
+    lines += [line for line in chats if is_voice_chat(json.loads(line))] * (voice_chat - 1)
     rng.shuffle(lines)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -52,12 +52,11 @@ def knowledge_records(seed: int = 0) -> list[dict]:
     statements, plus "repeat after me" chats, in a seeded order."""
     rng = np.random.default_rng([seed, 11])
     train_side = [q for q in questions.every_question() if not is_heldout(q["key"])]
-    per_key = Counter(q["key"] for q in train_side)
-    records = [_chat(q) for q in train_side for _ in range(ceil(MIN_RECORDS_PER_KEY / per_key[q["key"]]))]
+    copies = {key: ceil(MIN_RECORDS_PER_KEY / n) for key, n in Counter(q["key"] for q in train_side).items()}
+    records = [_chat(q) for q in train_side for _ in range(copies[q["key"]])]
     # One statement per wording: the same count per key as the question-answer chats.
     records += [_chat({"question": STATEMENT_PROMPTS[int(rng.integers(len(STATEMENT_PROMPTS)))], "answer": q["answer"]})
-                for q in train_side if q["kind"] in STATEMENT_KINDS
-                for _ in range(ceil(MIN_RECORDS_PER_KEY / per_key[q["key"]]))]
+                for q in train_side if q["kind"] in STATEMENT_KINDS for _ in range(copies[q["key"]])]
     repeats = 0
     while repeats < REPEAT_RECORDS:
         q = questions.repeat(rng)

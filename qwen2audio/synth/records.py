@@ -40,6 +40,12 @@ def _conversation(audio: str, *turns: tuple[str, str]) -> dict:
     return {"messages": messages, "audios": [audio]}
 
 
+def is_voice_chat(record: dict) -> bool:
+    """A voice-chat record: its first user turn is the audio alone, so the instruction is spoken."""
+    messages = record.get("messages") or [{}]
+    return messages[0].get("role") == "user" and messages[0].get("content") == "<audio>"
+
+
 def _article(noun: str) -> str:
     return "an" if noun[0] in "aeiou" else "a"
 
