@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the small bundled Qwen2-Audio model (issue 6) from scratch, on CPU:
-#   synth corpus (--size medium) -> init (own BPE + Whisper tiny.en encoder + random small Qwen2 decoder)
+#   synth corpus (--size medium,music=4000) -> init (own BPE + Whisper tiny.en encoder + random small Qwen2 decoder)
 #   -> pretrain -> knowledge (text-only chats) -> SFT -> DPO pairs from the SFT model's greedy answers -> DPO -> fp16 release
 #   -> `qwen2audio eval` on the held-out sets + DPO preference accuracy (WORK/quality.json).
 #
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 
 WORK=${WORK:-runs/bundle}
-SIZE=${SIZE:-medium}                # synth --size: tiny, small, medium, full or kind=N,...
+SIZE=${SIZE:-medium,music=4000}     # synth --size: tiny, small, medium, full, kind=N,... or e.g. medium,music=4000
 SOURCES=${SOURCES:-}                # synth --sources (empty: all)
 SEED=${SEED:-0}
 JOBS=${JOBS:-$(nproc)}
@@ -39,7 +39,7 @@ SFT_STEPS=${SFT_STEPS:-3600}
 SFT_LR=${SFT_LR:-2e-4}
 SFT_BATCH=${SFT_BATCH:-8}
 SFT_REPLAY=${SFT_REPLAY:-0.3}       # pre-training task records mixed into SFT, as a fraction of its records
-SFT_KNOWLEDGE=${SFT_KNOWLEDGE:-0.2} # knowledge chats mixed into SFT, as a fraction of its records
+SFT_KNOWLEDGE=${SFT_KNOWLEDGE:-1}   # knowledge chats mixed into SFT, as a fraction of its records (at most all)
 SFT_VOICE_CHAT=${SFT_VOICE_CHAT:-4} # times each voice-chat record (spoken question, no text) is in the SFT data
 DPO_STEPS=${DPO_STEPS:-250}
 DPO_LR=${DPO_LR:-5e-6}

@@ -319,6 +319,16 @@ def test_knowledge_chats_hold_every_training_side_question_and_no_heldout_one(co
     assert any(is_heldout(q["key"]) for q in answers.values())  # there were held-out ones to leave out
 
 
+def test_size_names_a_plan_or_changes_some_kinds_of_one():
+    everything = set(plan.SOURCES)
+    assert plan.parse_size("medium", everything) == plan.SIZES["medium"]
+    assert plan.parse_size("medium,music=4000", everything) == {**plan.SIZES["medium"], "music": 4000}
+    assert plan.parse_size("music=5", everything) == {**dict.fromkeys(plan.KINDS, 0), "music": 5}
+    assert plan.parse_size("small", {"sounds"})["speech"] == 0  # a named size drops kinds its sources can't make
+    with pytest.raises(SynthError, match="nothing to make them from"):
+        plan.parse_size("small,speech=10", {"sounds"})
+
+
 def test_cli_builds_and_reports_errors(tmp_path, capsys, monkeypatch):
     from qwen2audio.synth.cli import SOURCES
 
@@ -328,6 +338,8 @@ def test_cli_builds_and_reports_errors(tmp_path, capsys, monkeypatch):
     assert len(read_jsonl(out / "train.jsonl")) + len(read_jsonl(out / "heldout.jsonl")) == 3
     assert main(["synth", "-o", str(tmp_path / "x"), "--size", "huge", "-q"]) == 2
     assert "unknown kind 'huge'" in capsys.readouterr().err
+    assert main(["synth", "-o", str(tmp_path / "x"), "--size", "tiny,music=x", "-q"]) == 2
+    assert "'music=x' needs a non-negative count" in capsys.readouterr().err
     monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on the PATH
     assert main(["synth", "-o", str(tmp_path / "y"), "--size", "speech=2", "--sources", "espeak", "-q"]) == 2
     assert "apt-get install espeak-ng" in capsys.readouterr().err

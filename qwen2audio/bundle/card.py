@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..synth.evalsets import EVAL_SETS
-from ..synth.plan import ALL, SIZES
+from ..synth.plan import ALL, KINDS, SIZES
 
 SET_TITLES = {"asr_synth": "ASR, held-out TTS speech", "asr_real": "ASR, held-out real recordings (Asterisk)",
               "sound": "sound-event classification", "instrument": "instrument classification",
@@ -60,11 +60,14 @@ def _run_minutes(done: dict) -> str:
 
 
 def size_argument(counts: dict[str, int]) -> str:
-    """The `synth --size` value that builds these per-kind counts: a named size where one matches."""
-    named = [name for name, sizes in SIZES.items() if sizes == counts]
-    if named:
-        return named[0]
-    return ",".join(f"{k}={'all' if n == ALL else n}" for k, n in counts.items() if n)
+    """The shortest `synth --size` value that builds these per-kind counts: a named size, a named size
+    with some kinds changed (`medium,music=4000`) or plain counts."""
+    def changes(base: dict[str, int]) -> list[str]:
+        return [f"{k}={'all' if counts.get(k, 0) == ALL else counts.get(k, 0)}"
+                for k in KINDS if counts.get(k, 0) != base.get(k, 0)]
+
+    options = [",".join([name, *changes(sizes)]) for name, sizes in SIZES.items()] + [",".join(changes({}))]
+    return min(options, key=len)
 
 
 def write_model_card(path: str | Path, quality: dict, init_info: dict, manifest: dict, stages: dict,

@@ -22,9 +22,10 @@ EPILOG = """\
 sizes (items per kind: speech, chat, asterisk, sound, music, mixture):
   tiny    8, 8, 10, 8, 4, 4               (seconds; for tests)
   small   1500, 1500, 500, 600, 300, 400  (minutes; about 400 MB)
-  medium  6000, 4500, all, 1800, 1000, 1200 (the bundled model's corpus)
+  medium  6000, 4500, all, 1800, 1000, 1200
   full    8000, 8000, all, 3000, 1500, 2000
   or kind=N,... e.g. --size speech=200,sound=50 (kinds left out get 0; asterisk=all for every clip)
+  or a size with some kinds changed, e.g. --size medium,music=4000 (the bundled model's corpus)
 
 Debian packages: espeak-ng, flite, festival festvox-us-slt-hts festvox-kallpc16k, fluidsynth
 timgm6mb-soundfont, asterisk-core-sounds-{en,es,fr,it,ru} asterisk-core-sounds-{en,es,fr,it,ru}-g722."""
@@ -46,7 +47,8 @@ def register(subparsers) -> dict:
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="corpus folder (new, empty, or an "
                    "earlier build with the same settings to finish)")
     p.add_argument("--size", default="small", metavar="SIZE",
-                   help="tiny, small, medium, full, or kind=N,... (default: small)")
+                   help="tiny, small, medium, full, kind=N,..., or e.g. medium,music=4000 "
+                   "(default: small)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--jobs", "-j", type=positive_int, default=None, metavar="N",
                    help="worker processes (default: the number of CPUs)")

@@ -41,11 +41,15 @@ def kind_sources(kind: str, sources: set[str]) -> bool:
 
 
 def parse_size(text: str, sources: set[str]) -> dict[str, int]:
-    """`tiny|small|full`, or `kind=N,...` (kinds left out get 0; asterisk=all for every clip)."""
-    if text in SIZES:
-        return {k: (n if kind_sources(k, sources) else 0) for k, n in SIZES[text].items()}
-    counts = dict.fromkeys(KINDS, 0)
-    for part in text.split(","):
+    """`tiny|small|medium|full`, `kind=N,...` (kinds left out get 0; asterisk=all for every clip), or a
+    named size with some kinds changed, e.g. `medium,music=4000`."""
+    parts = text.split(",")
+    if parts[0].strip() in SIZES:
+        counts = {k: (n if kind_sources(k, sources) else 0) for k, n in SIZES[parts[0].strip()].items()}
+        parts = parts[1:]
+    else:
+        counts = dict.fromkeys(KINDS, 0)
+    for part in parts:
         name, _, value = part.partition("=")
         name, value = name.strip(), value.strip()
         if name not in KINDS:
