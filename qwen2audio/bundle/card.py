@@ -62,9 +62,10 @@ def _run_minutes(done: dict) -> str:
 def size_argument(counts: dict[str, int]) -> str:
     """The shortest `synth --size` value that builds these per-kind counts: a named size, a named size
     with some kinds changed (`medium,music=4000`) or plain counts."""
+    counts = {k: counts.get(k, 0) for k in KINDS}
+
     def changes(base: dict[str, int]) -> list[str]:
-        return [f"{k}={'all' if counts.get(k, 0) == ALL else counts.get(k, 0)}"
-                for k in KINDS if counts.get(k, 0) != base.get(k, 0)]
+        return [f"{k}={'all' if n == ALL else n}" for k, n in counts.items() if n != base.get(k, 0)]
 
     options = [",".join([name, *changes(sizes)]) for name, sizes in SIZES.items()] + [",".join(changes({}))]
     return min(options, key=len)
