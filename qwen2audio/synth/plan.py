@@ -44,8 +44,9 @@ def parse_size(text: str, sources: set[str]) -> dict[str, int]:
     """`tiny|small|medium|full`, `kind=N,...` (kinds left out get 0; asterisk=all for every clip), or a
     named size with some kinds changed, e.g. `medium,music=4000`."""
     parts = text.split(",")
-    if parts[0].strip() in SIZES:
-        counts = {k: (n if kind_sources(k, sources) else 0) for k, n in SIZES[parts[0].strip()].items()}
+    named = parts[0].strip()
+    if named in SIZES:
+        counts = {k: (n if kind_sources(k, sources) else 0) for k, n in SIZES[named].items()}
         parts = parts[1:]
     else:
         counts = dict.fromkeys(KINDS, 0)
