@@ -1,8 +1,8 @@
-"""Side-by-side CPU benchmark of qwen2audio against the transformers reference, same weights, one process.
+"""Side-by-side benchmark of qwen2audio against the transformers reference, same weights, one process.
 
 One random-weight Qwen2-Audio model is built with transformers (`Qwen2AudioForConditionalGeneration`),
 saved with our processor files to a temporary directory, and loaded back with `qwen2audio.load`
-(fp32, CPU). Then, for each stage, both implementations are timed on identical inputs (warmup runs,
+(fp32 on CPU by default; `--device cuda --dtype bfloat16` puts both sides on the GPU). Then, for each stage, both implementations are timed on identical inputs (warmup runs,
 median of a few repeats, `torch.inference_mode()`):
 
 1. feature extraction: `log_mel_spectrogram` vs `WhisperFeatureExtractor(feature_size=128)`;
@@ -11,11 +11,14 @@ median of a few repeats, `torch.inference_mode()`):
 4. greedy decode throughput at batch 1 and batch 8, EOS disabled so every token is generated.
 
 Ratios are reference_time / our_time: > 1 means we are faster. The script also asserts that the
-encoder outputs agree (5 s clip, 1e-3) and that batch-1 greedy tokens are identical.
+encoder outputs agree (5 s clip, 1e-3) and that batch-1 greedy tokens are identical (in fp32; in bf16
+the two sides' kernels round differently, so agreement is printed, not asserted).
 
     python benchmarks/bench_core.py            # full run (~2-4 min on 2 cores)
     python benchmarks/bench_core.py --quick    # smaller model, fewer repeats
     python benchmarks/bench_core.py --threads 4
+    python benchmarks/bench_core.py --device cuda --dtype bfloat16
+    python benchmarks/bench_core.py --device cuda --dtype bfloat16 --size 7b   # ~40 GB of GPU memory
 """
 
 from __future__ import annotations
@@ -67,11 +70,18 @@ SIZES = {
                   num_key_value_heads=4, vocab_size=8192),
         warmup=1, repeats=3, decode_repeats=2, new_tokens=32,
     ),
+    # The released Qwen2-Audio-7B shape (SPEC.md), random weights: for a GPU (16 GB in bf16, per side).
+    "7b": dict(
+        audio=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=156032, max_position_embeddings=8192),
+        warmup=1, repeats=3, decode_repeats=3, new_tokens=64,
+    ),
 }
 
 
 # ---- model ------------------------------------------------------------------------------------
-def build_reference(size: dict, seed: int = 0):
+def build_reference(size: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """Random-weight transformers model. Linear weights ~ N(0, 1/fan_in) (variance preserving) and a
     wider lm_head, so the greedy choices are far from ties; norms near 1; biases small."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
@@ -81,11 +91,17 @@ def build_reference(size: dict, seed: int = 0):
     text["vocab_size"] = max(text["vocab_size"], tok.vocab_size + 3)
     cfg = Qwen2AudioConfig(
         audio_config=dict(**size["audio"], max_source_positions=1500),
-        text_config=dict(max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, **text),
+        text_config=dict({"max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, **text}),
         audio_token_index=tok.audio_id,
     )
     torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built and initialised in place on the device: a 7B fp32 CPU copy is 33 GB
+    try:
+        with device:
+            model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -107,6 +123,12 @@ def save_checkpoint(ref, tok, directory: Path):
 
 
 # ---- timing -----------------------------------------------------------------------------------
+def sync() -> None:
+    """Wait for queued GPU work, so that wall times cover it (a no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed_pair(fns, warmup: int, repeats: int) -> tuple[list[float], list[object]]:
     """Median wall time (s) of each `fn()` over `repeats` runs after `warmup` runs, and its last result.
     The functions run interleaved (ours, reference, ours, ...), so that load from other processes on a
@@ -115,11 +137,13 @@ def timed_pair(fns, warmup: int, repeats: int) -> tuple[list[float], list[object
     for _ in range(warmup):
         for i, fn in enumerate(fns):
             outs[i] = fn()
+    sync()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             outs[i] = fn()
+            sync()
             times[i].append(time.perf_counter() - t0)
     return [statistics.median(ts) for ts in times], outs
 
@@ -175,9 +199,9 @@ def reference_encode(ref, features: torch.Tensor, frame_mask: torch.Tensor) -> l
     feat_lengths, out_lengths = tower._get_feat_extract_output_lengths(frame_mask.sum(-1))
     batch, _, mel_len = features.shape
     max_seq_len = (mel_len - 2) // 2 + 1
-    seq_range = torch.arange(max_seq_len, dtype=feat_lengths.dtype)[None].expand(batch, max_seq_len)
-    mask_2d = (seq_range < feat_lengths[:, None]).long()
-    dummy = torch.zeros(batch, max_seq_len, 1, dtype=ref.dtype)
+    seq_range = torch.arange(max_seq_len, dtype=feat_lengths.dtype, device=feat_lengths.device)
+    mask_2d = (seq_range[None].expand(batch, max_seq_len) < feat_lengths[:, None]).long()
+    dummy = torch.zeros(batch, max_seq_len, 1, dtype=ref.dtype, device=features.device)
     mask = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=mask_2d)
     states = tower(features, attention_mask=mask).last_hidden_state
     embeds = ref.model.multi_modal_projector(states)
@@ -191,6 +215,7 @@ class StepClock:
         self.stamps: list[float] = []
 
     def __call__(self, input_ids, scores):
+        sync()  # ours reads each step's tokens on the host; time the reference the same way
         self.stamps.append(time.perf_counter())
         return scores
 
@@ -203,6 +228,7 @@ def reference_generate(ref, inputs: dict, new_tokens: int, pad_id: int):
                            eos_token_id=None, pad_token_id=pad_id, bos_token_id=None, use_cache=True)
     t0 = time.perf_counter()
     out = ref.generate(**inputs, generation_config=gen, logits_processor=LogitsProcessorList([clock]))
+    sync()
     total = time.perf_counter() - t0
     return out[:, inputs["input_ids"].shape[1]:], t0, clock.stamps, total
 
@@ -213,6 +239,7 @@ def ours_generate(model, inputs: dict, new_tokens: int):
     for step in generate_steps(model, inputs, SamplingParams(max_new_tokens=new_tokens), set()):
         stamps.append(time.perf_counter())
         tokens.append(step.tokens)
+    sync()
     total = time.perf_counter() - t0
     return torch.tensor(tokens).T, t0, stamps, total
 
@@ -243,11 +270,24 @@ def decode_rate(generates, batch: int, new_tokens: int, warmup: int, repeats: in
 # ---- main -------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller model, fewer tokens and repeats")
+    ap.add_argument("--quick", action="store_true", help="smaller model, fewer tokens and repeats (= --size quick)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full",
+                    help="model shape: full (120M, default), quick (smaller), 7b (the released 7B shape; needs a GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed repeats per measurement, decode included (median is reported)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="weight and compute dtype of both sides (default: float32)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (default: CUDA graphs)")
     args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    exact = dtype == torch.float32  # the identical-token and 1e-3 checks hold in fp32 only
+
+    def on(inputs: dict) -> dict:
+        """The processor's CPU tensors on the benchmark's device (features in its dtype)."""
+        return {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point()
+                else v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     warnings.filterwarnings("ignore")
     import transformers
@@ -258,17 +298,18 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = SIZES["quick" if args.quick else "full"]
+    size = SIZES["quick" if args.quick else args.size]
     warmup, N = size["warmup"], size["new_tokens"]
     repeats, decode_repeats = args.repeats or size["repeats"], args.repeats or size["decode_repeats"]
     script_t0 = time.perf_counter()
 
-    ref, tok = build_reference(size)
+    ref, tok = build_reference(size, device, dtype)
     tmp = tempfile.TemporaryDirectory(prefix="bench_core_")
     directory = Path(tmp.name)
     save_checkpoint(ref, tok, directory)
-    pipe = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False)
+    pipe = qwen2audio.load(directory, device=str(device), dtype=args.dtype, progress=False)
     ours, processor = pipe.model, pipe.processor
+    ours.use_cuda_graphs = not args.no_cuda_graphs
     ours.eval()
 
     a, t = ref.config.audio_config, ref.config.text_config
@@ -280,7 +321,9 @@ def main() -> None:
     print(f"model: audio d_model={a.d_model} layers={a.encoder_layers} heads={a.encoder_attention_heads} "
           f"ffn={a.encoder_ffn_dim} mels={a.num_mel_bins}; text hidden={t.hidden_size} layers={t.num_hidden_layers} "
           f"heads={t.num_attention_heads} ({t.num_key_value_heads} kv) ffn={t.intermediate_size} vocab={t.vocab_size}; "
-          f"{n_ref / 1e6:.1f}M params, fp32, CPU")
+          f"{n_ref / 1e6:.1f}M params, {args.dtype}, {device}"
+          + (f" ({torch.cuda.get_device_name(device)}; our decode: "
+             f"{'eager' if args.no_cuda_graphs else 'CUDA graphs'})" if device.type == "cuda" else ""))
     print(f"warmup={warmup}, repeats={repeats} (decode: {decode_repeats}), median reported, new tokens={N}\n")
 
     rows = []  # (name, ours, reference, unit, ratio, background share of the CPUs while measuring)
@@ -317,17 +360,19 @@ def main() -> None:
         enc_diffs = {}
         for seconds in (5, 30):
             feats, mask = log_mel_spectrogram([clip(seconds, seed=100 + seconds)], a.num_mel_bins)
+            feats, mask = feats.to(device, dtype), mask.to(device)
             (t_ours, t_ref), (e_ours, e_ref) = timed_pair(
                 [lambda: ours.encode_audio(feats, mask), lambda: reference_encode(ref, feats, mask)], warmup, repeats)
             assert e_ours[0].shape == e_ref[0].shape, (e_ours[0].shape, e_ref[0].shape)
-            enc_diffs[seconds] = (e_ours[0] - e_ref[0]).abs().max().item()
+            enc_diffs[seconds] = ((e_ours[0] - e_ref[0]).abs().max() / (1 if exact else e_ref[0].abs().max())).item()
             add(f"audio encoder, 1 clip {seconds} s ({e_ours[0].shape[0]} tokens)", t_ours * 1e3, t_ref * 1e3, "ms")
-        print(f"  max |ours - reference| of encoder outputs: 5 s {enc_diffs[5]:.2e}, 30 s {enc_diffs[30]:.2e}")
-        assert enc_diffs[5] < 1e-3, f"5 s encoder outputs differ by {enc_diffs[5]}"
+        what = "max |ours - reference|" if exact else "max |ours - reference| / max |reference|"
+        print(f"  {what} of encoder outputs: 5 s {enc_diffs[5]:.2e}, 30 s {enc_diffs[30]:.2e}")
+        assert enc_diffs[5] < (1e-3 if exact else 0.05), f"5 s encoder outputs differ by {enc_diffs[5]}"
 
         # 3. prefill ------------------------------------------------------------------------
         print("[3] prefill: chat prompt with one 10 s audio -> next-token logits")
-        inputs = processor.prepare_chats([chat(clip(10, seed=7), "What is said in this recording?")])
+        inputs = on(processor.prepare_chats([chat(clip(10, seed=7), "What is said in this recording?")]))
         T = inputs["input_ids"].shape[1]
 
         def ours_prefill():
@@ -338,7 +383,7 @@ def main() -> None:
             audio = ours.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
             embeds = ours.embed(inputs["input_ids"], audio)
             cache = ours.new_cache(1, T + 1)
-            mask = torch.ones(1, T + 1, dtype=torch.bool)
+            mask = torch.ones(1, T + 1, dtype=torch.bool, device=device)
             return ours.decode(embeds, mask, cache, offset=0, last_only=True)[:, -1]
 
         (t_ours, t_ref, t_ref_last), (tok_ours, out_ref, _) = timed_pair(
@@ -347,7 +392,7 @@ def main() -> None:
              lambda: ref.lm_head(ref.model(**inputs, use_cache=True).last_hidden_state[:, -1:])],
             warmup, repeats)
         logit_diff = (ours_prefill_logits() - out_ref).abs().max().item()
-        assert tok_ours == int(out_ref.argmax(-1)), "prefill next token differs"
+        assert tok_ours == int(out_ref.argmax(-1)) or not exact, "prefill next token differs"
         print(f"  prompt {T} tokens; max |logit diff| {logit_diff:.2e}")
         add(f"prefill, {T}-token prompt with 10 s audio (ref: full forward)", t_ours * 1e3, t_ref * 1e3, "ms",
             new_section=False)
@@ -360,17 +405,20 @@ def main() -> None:
             seconds = [2.0 + 0.25 * i for i in range(batch)]
             questions = ["Describe the sound.", "What's that sound?", "Transcribe the speech.", "Who is speaking?"]
             convs = [chat(clip(s, seed=20 + i), questions[i % len(questions)]) for i, s in enumerate(seconds)]
-            binputs = processor.prepare_chats(convs)
+            binputs = on(processor.prepare_chats(convs))
             generates = [lambda: ours_generate(ours, binputs, N),
                          lambda: reference_generate(ref, dict(binputs), N, tok.pad_id)]
             (ours_rate, ours_first, ours_total, ours_tokens), (ref_rate, ref_first, ref_total, ref_tokens) = \
                 decode_rate(generates, batch, N, warmup, decode_repeats)
-            if batch == 1:
+            if batch == 1 and exact:
                 assert torch.equal(ours_tokens, ref_tokens.cpu()), \
                     f"greedy tokens differ:\nours {ours_tokens.tolist()}\nref  {ref_tokens.tolist()}"
                 print(f"  batch 1: greedy tokens identical over {N} steps")
+            elif batch == 1:
+                agree = (ours_tokens == ref_tokens.cpu()).int().cumprod(-1).sum().item()
+                print(f"  batch 1: greedy tokens agree for the first {agree} of {N} steps (not asserted: {args.dtype})")
             else:
-                same = (ours_tokens == ref_tokens).all(-1).sum().item()
+                same = (ours_tokens == ref_tokens.cpu()).all(-1).sum().item()
                 print(f"  batch {batch}: {same}/{batch} rows with identical greedy tokens (not asserted: left padding)")
             print(f"  batch {batch}: prompt {binputs['input_ids'].shape[1]} tokens (padded); prefill+first token "
                   f"ours {ours_first * 1e3:.0f} ms, reference {ref_first * 1e3:.0f} ms")
@@ -381,7 +429,7 @@ def main() -> None:
     tmp.cleanup()
 
     # ---- table ---------------------------------------------------------------------------
-    print("\n## qwen2audio vs transformers reference (CPU, fp32, same weights)\n")
+    print(f"\n## qwen2audio vs transformers reference ({device}, {args.dtype}, same weights)\n")
     print(f"threads={torch.get_num_threads()}, median of {repeats} (decode rows: {decode_repeats}) "
           f"after {warmup} warmup; "
           "ratio = reference time / our time (> 1: we are faster)\n")

@@ -25,6 +25,8 @@ _KEY_RENAMES = (
     ("model.audio_tower.", "audio_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "language_model.lm_head."),
+    # transformers 5.17 writes the decoder body one `model.` too deep (seen on its save_pretrained output).
+    ("language_model.model.model.", "language_model.model."),
 )
 
 

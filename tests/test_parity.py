@@ -160,21 +160,27 @@ def test_checkpoint_round_trip_both_ways(pair, tmp_path):
     assert {k for k in reloaded_ref.state_dict()} == ref_keys
 
 
-def test_new_hf_key_layout_is_accepted(tmp_path):
-    """Checkpoints saved as model.audio_tower.* / model.language_model.* / lm_head.* load too."""
+def _new_layout(k: str) -> str:
+    if k.startswith("language_model.model."):
+        return "model.language_model." + k[len("language_model.model."):]
+    if k.startswith("language_model.lm_head."):
+        return "lm_head." + k[len("language_model.lm_head."):]
+    return "model." + k
+
+
+def _doubled_decoder_layout(k: str) -> str:  # what transformers 5.17's save_pretrained writes
+    return k.replace("language_model.model.", "language_model.model.model.", 1)
+
+
+@pytest.mark.parametrize("layout", [_new_layout, _doubled_decoder_layout], ids=["new", "doubled_decoder"])
+def test_other_hf_key_layouts_are_accepted(tmp_path, layout):
+    """Checkpoints saved as model.audio_tower.* / model.language_model.* / lm_head.*, or with the decoder
+    under language_model.model.model.*, load too."""
     from safetensors.torch import load_file, save_file
 
     ref, _ = save_reference_checkpoint(tmp_path, "base")
     state = load_file(tmp_path / "model.safetensors")
-    renamed = {}
-    for k, v in state.items():
-        if k.startswith("language_model.model."):
-            k = "model.language_model." + k[len("language_model.model."):]
-        elif k.startswith("language_model.lm_head."):
-            k = "lm_head." + k[len("language_model.lm_head."):]
-        else:
-            k = "model." + k
-        renamed[k] = v
+    renamed = {layout(k): v for k, v in state.items()}
     assert renamed.keys() != state.keys()
     save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ours = qwen2audio.Qwen2AudioModel.from_pretrained(tmp_path)

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from ..model.qwen2_audio import Qwen2AudioModel
+from .cuda_graphs import shared_decode_graphs
 from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
 
 
@@ -42,7 +43,18 @@ def generate_steps(model: Qwen2AudioModel, inputs: dict, params: SamplingParams,
         audio = model.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
     embeds = model.embed(input_ids, audio)
 
-    cache = model.new_cache(B, max_len)
+    graphs = shared_decode_graphs(model, B, max_len)  # on CUDA: decode steps replayed as graphs
+    try:
+        yield from _steps(model, input_ids, key_mask, embeds, params, stop_ids, max_len, graphs)
+    finally:
+        if graphs is not None:
+            graphs.lock.release()
+
+
+def _steps(model, input_ids, key_mask, embeds, params, stop_ids, max_len, graphs):
+    device = model.device
+    B, T = input_ids.shape
+    cache = graphs.cache.rows(0, B) if graphs is not None else model.new_cache(B, max_len)
     full_mask = torch.zeros(B, max_len, dtype=torch.bool, device=device)
     full_mask[:, :T] = key_mask
     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -78,6 +90,10 @@ def generate_steps(model: Qwen2AudioModel, inputs: dict, params: SamplingParams,
             seen.scatter_(1, tokens[:, None], True)
         offset = T + step
         full_mask[:, offset] = ~done  # finished rows stop contributing keys
-        step_embeds = model.language_model.model.embed_tokens(tokens[:, None])  # generated ids are plain text
-        logits = model.decode(step_embeds, full_mask, cache, offset=offset, positions=next_pos, last_only=True)[:, -1]
+        if graphs is not None:
+            logits = graphs(tokens, next_pos[:, 0], offset, full_mask[:, : offset + 1])
+        else:
+            step_embeds = model.language_model.model.embed_tokens(tokens[:, None])  # generated ids are plain text
+            logits = model.decode(step_embeds, full_mask, cache, offset=offset, positions=next_pos,
+                                  last_only=True)[:, -1]
         next_pos = next_pos + 1

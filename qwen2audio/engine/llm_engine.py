@@ -30,6 +30,7 @@ from ..model.qwen2 import RowKVCache
 from ..model.qwen2_audio import Qwen2AudioModel
 from ..tokenizer import Tokenizer
 from .audio_cache import AudioEmbeddingCache
+from .cuda_graphs import DecodeGraphs, enabled
 from .inputs import PromptInputs
 from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
 from .scheduler import FINISHED, Output, Scheduler, Sequence
@@ -64,6 +65,7 @@ class LLMEngine:
             raise ValueError("max_batch must be >= 1")
         self.cache = model.new_cache(slots, self.max_len)  # (layers, slots, kv_heads, max_len, head_dim)
         self.kv_cache_bytes = 2 * self.cache.k.numel() * self.cache.k.element_size()
+        self.graphs = DecodeGraphs(model, self.cache) if enabled(model) else None  # CUDA: decode steps as graphs
         self.scheduler = Scheduler(slots, self.max_len, max_queue, prefill_token_budget)
         self.audio_cache = AudioEmbeddingCache(audio_cache_bytes)
         # Every key exists from the start, so that stats() readers on other threads never see the dict grow.
@@ -178,15 +180,18 @@ class LLMEngine:
         positions = [s.pos for s in seqs]
         pos = torch.tensor(positions, device=device)
         span = max(positions) + 1
-        mask = None  # rows at one common position see exactly their own keys: no mask needed
-        if min(positions) != span - 1:
-            beyond = torch.arange(span, device=device)[None, :] > pos[:, None]  # (B, span)
-            mask = torch.zeros(beyond.shape, dtype=self.model.dtype, device=device).masked_fill_(beyond, float("-inf"))
-            mask = mask[:, None, None, :]  # (B, 1, 1, span)
         tokens = torch.tensor([s.last_token for s in seqs], device=device)
-        embeds = lm.model.embed_tokens(tokens[:, None])  # generated ids are plain text: no audio to merge
-        hidden = lm.model(embeds, pos[:, None], mask, RowKVCache(self.cache.k, self.cache.v, pos, span), None)
-        logits = lm.lm_head(hidden[:, -1]).float()  # (B, V)
+        if self.graphs is not None:
+            logits = self.graphs(tokens, pos, pos, torch.arange(span, device=device)[None, :] <= pos[:, None])
+        else:
+            mask = None  # rows at one common position see exactly their own keys: no mask needed
+            if min(positions) != span - 1:
+                beyond = torch.arange(span, device=device)[None, :] > pos[:, None]  # (B, span)
+                mask = torch.zeros(beyond.shape, dtype=self.model.dtype, device=device).masked_fill_(beyond, float("-inf"))
+                mask = mask[:, None, None, :]  # (B, 1, 1, span)
+            embeds = lm.model.embed_tokens(tokens[:, None])  # generated ids are plain text: no audio to merge
+            hidden = lm.model(embeds, pos[:, None], mask, RowKVCache(self.cache.k, self.cache.v, pos, span), None)
+            logits = lm.lm_head(hidden[:, -1]).float()  # (B, V)
         self.counters["decode_steps"] += 1
         self.counters["peak_running"] = max(self.counters["peak_running"], len(seqs))
         for s in seqs:

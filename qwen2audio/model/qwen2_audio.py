@@ -54,6 +54,8 @@ def positions_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
 class Qwen2AudioModel(nn.Module):
     """Same parameter names as transformers' Qwen2AudioForConditionalGeneration (released layout)."""
 
+    use_cuda_graphs = True  # the engine replays decode steps as CUDA graphs on a GPU (engine/cuda_graphs.py)
+
     def __init__(self, cfg: Qwen2AudioConfig):
         super().__init__()
         self.config = cfg

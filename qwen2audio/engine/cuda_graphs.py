@@ -1,0 +1,117 @@
+"""One decode step of the language model, replayed as a CUDA graph.
+
+A decode step launches hundreds of small kernels (about ten per layer) for one token per row; on a GPU
+the Python and launch overhead of issuing them, not the GPU, sets the pace (the 7B's step took 27 ms
+eagerly on an H100, several times its weight-reading time). A captured graph issues them all at once.
+
+A graph has fixed shapes and addresses, so each one is captured for a bucket: the rows decoded (a power
+of two) and the keys each row attends over (a power of two >= 256, capped at the cache length). Rows and
+keys past the caller's are padding: masked keys, and rows whose outputs are dropped. Every graph of a
+`DecodeGraphs` reads and writes the one KV cache it was made for and shares one memory pool, which is
+safe because graphs are replayed one at a time and each output is copied out before the next replay.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..model.qwen2 import KVCache, RowKVCache
+
+MIN_SPAN = 256
+
+
+def bucket(n: int, low: int, high: int) -> int:
+    """The smallest power of two >= max(n, low), capped at high."""
+    return min(high, 1 << (max(n, low) - 1).bit_length())
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # (rows,) long: each row's last token
+    rope: torch.Tensor  # (rows,) long: its RoPE position
+    where: torch.Tensor  # (rows,) long: the cache position its new key and value go to
+    allowed: torch.Tensor  # (rows, span) bool: the keys it may attend to (its new one included)
+    logits: torch.Tensor  # (rows, vocab): the graph's output
+
+
+class DecodeGraphs:
+    """Decode steps over the first rows of `cache`, captured on first use per (rows, span) bucket."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.rows, self.max_len = cache.k.shape[1], cache.k.shape[3]
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.lock = threading.Lock()  # generate_steps shares one model-wide instance between threads
+        self.replays = 0
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, rope: torch.Tensor, where: torch.Tensor | int,
+                 allowed: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) in float32 for B rows: `tokens`, `rope` (B,) long; `where` (B,) long or one int
+        for all rows; `allowed` (B, S) bool, S > every row's `where` (keys past S are masked)."""
+        B, S = allowed.shape
+        key = (bucket(B, 1, self.rows), bucket(S, MIN_SPAN, self.max_len))
+        g = self.graphs.get(key) or self._capture(*key)
+        g.tokens[:B].copy_(tokens)
+        g.rope[:B].copy_(rope)
+        if isinstance(where, int):
+            g.where[:B].fill_(where)
+        else:
+            g.where[:B].copy_(where)
+        g.allowed[:B].zero_()
+        g.allowed[:B, : min(S, key[1])].copy_(allowed[:, : key[1]])
+        g.graph.replay()
+        self.replays += 1
+        return g.logits[:B].float().clone()  # the next replay overwrites the graph's own output
+
+    def _capture(self, rows: int, span: int) -> _Graph:
+        device = self.cache.k.device
+        pad = torch.full((rows,), span - 1, dtype=torch.long, device=device)
+        # Padding rows (and the warm-up runs below) write at position span - 1: a position no row has
+        # reached yet (the caller's rows are all before it) or a free row, overwritten before it is unmasked.
+        g = _Graph(torch.cuda.CUDAGraph(), torch.zeros(rows, dtype=torch.long, device=device), pad.clone(), pad,
+                   torch.zeros(rows, span, dtype=torch.bool, device=device), None)
+        g.allowed[:, 0] = True  # padding rows attend to one key: no all-masked softmax
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up off the capture (lazy initialisation, kernel choice)
+            for _ in range(2):
+                self._step(g, span)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(g.graph, pool=self.pool):
+            g.logits = self._step(g, span)
+        self.graphs[(rows, span)] = g
+        return g
+
+    def _step(self, g: _Graph, span: int) -> torch.Tensor:
+        lm = self.model.language_model
+        mask = torch.zeros(g.allowed.shape, dtype=self.model.dtype, device=g.allowed.device)
+        mask = mask.masked_fill_(~g.allowed, float("-inf"))[:, None, None, :]  # (rows, 1, 1, span)
+        embeds = lm.model.embed_tokens(g.tokens[:, None])  # generated ids are plain text: no audio to merge
+        hidden = lm.model(embeds, g.rope[:, None], mask, RowKVCache(self.cache.k, self.cache.v, g.where, span), None)
+        return lm.lm_head(hidden[:, -1])
+
+
+def enabled(model) -> bool:
+    return model.device.type == "cuda" and model.use_cuda_graphs
+
+
+def shared_decode_graphs(model, batch: int, max_len: int) -> DecodeGraphs | None:
+    """The model's DecodeGraphs for generate_steps, over a cache of at least `batch` rows and `max_len`
+    positions (replaced by a larger one when needed), locked for the caller; None when CUDA graphs are
+    off or another thread holds it (that caller decodes eagerly with its own cache)."""
+    if not enabled(model):
+        return None
+    current = getattr(model, "_decode_graphs", None)
+    if current is None or current.rows < batch or current.max_len < max_len:
+        if current is not None and current.lock.locked():
+            return None
+        limit = model.config.text_config.max_position_embeddings
+        current = DecodeGraphs(model, model.new_cache(batch, bucket(max_len, MIN_SPAN, limit)))
+        model._decode_graphs = current
+    return current if current.lock.acquire(blocking=False) else None
