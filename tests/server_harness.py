@@ -46,8 +46,8 @@ class RunningServer:
         self.thread.join(15)
 
 
-def start_server(checkpoint_dir, engine_options: dict | None = None, **config) -> RunningServer:
-    pipe = qwen2audio.load(checkpoint_dir, device="cpu", progress=False)
+def start_server(checkpoint_dir, engine_options: dict | None = None, device: str = "cpu", **config) -> RunningServer:
+    pipe = qwen2audio.load(checkpoint_dir, device=device, progress=False)
     engine = LLMEngine(pipe.model, pipe.tokenizer, pipe.stop_ids, **{"max_batch": 8, **(engine_options or {})})
     app = create_app(engine, ServerConfig(model_name=MODEL, **config))
     return RunningServer(app, engine)

@@ -9,11 +9,14 @@ import copy
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file
+from server_harness import MODEL, input_audio, start_server, wav_bytes
 from tiny import sine
 
 import qwen2audio
@@ -136,6 +139,29 @@ def test_continuous_batching_engine_on_cuda(pipe):
         engine.step()
     assert [collect(iter_outputs(s, timeout=0))[0] for s in seqs] == alone
     assert engine.graphs.replays == engine.counters["decode_steps"] > 0
+
+
+def test_concurrent_http_requests_on_cuda(tiny_checkpoint, pipe):
+    """The server's engine thread on the GPU: 16 requests at once, each answered as it is alone."""
+    convs = [[{"role": "user", "content": [input_audio(wav_bytes(sine(0.6 + 0.3 * i, 150 + 37 * i, seed=i))),
+                                           {"type": "text", "text": "What's that sound?"}]}] for i in range(16)]
+    budgets = [4 + (i * 7) % 20 for i in range(16)]
+    with eager(pipe.model):
+        expected = [pipe.chat(c, max_new_tokens=n) for c, n in zip(convs, budgets)]
+    server = start_server(tiny_checkpoint[0], device="cuda")
+    try:
+        def ask(i):
+            body = {"model": MODEL, "messages": convs[i], "max_tokens": budgets[i], "temperature": 0}
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(ask, range(16)))
+        assert got == expected
+        assert server.engine.graphs.replays > 0 and server.engine.counters["peak_running"] > 1
+    finally:
+        server.close()
 
 
 def test_bf16_tracks_fp32_on_cuda(tiny_checkpoint, pipe):

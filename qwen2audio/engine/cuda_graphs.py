@@ -83,7 +83,8 @@ class DecodeGraphs:
             for _ in range(2):
                 self._step(g, span)
         torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.graph(g.graph, pool=self.pool):
+        # thread_local: the server's other threads may use the GPU while the engine thread captures.
+        with torch.cuda.graph(g.graph, pool=self.pool, capture_error_mode="thread_local"):
             g.logits = self._step(g, span)
         self.graphs[(rows, span)] = g
         return g
