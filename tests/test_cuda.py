@@ -124,6 +124,19 @@ def test_cuda_graph_decode_equals_eager_across_span_buckets(pipe, no_tf32):
     assert graphed == expected
 
 
+def test_a_cache_over_the_shared_budget_is_used_once_and_not_kept(pipe, monkeypatch):
+    from qwen2audio.engine import cuda_graphs
+
+    pipe.chat(CONVERSATIONS[0], max_new_tokens=2)  # the model keeps this call's cache (or an earlier one)
+    kept = pipe.model._decode_graphs
+    assert kept.rows < 8  # the batch below needs a new cache
+    with eager(pipe.model):
+        expected = pipe.chat_batch([CONVERSATIONS[0]] * 8, max_new_tokens=12)
+    monkeypatch.setattr(cuda_graphs, "SHARED_CACHE_BYTES", 0)
+    assert pipe.chat_batch([CONVERSATIONS[0]] * 8, max_new_tokens=12) == expected
+    assert pipe.model._decode_graphs is kept
+
+
 def test_continuous_batching_engine_on_cuda(pipe):
     """Rows admitted mid-flight into the GPU KV cache, decoded by CUDA graphs, answer as they would alone."""
     budgets = [6 + 4 * i for i in range(len(CONVERSATIONS))]

@@ -102,17 +102,25 @@ def enabled(model) -> bool:
     return model.device.type == "cuda" and model.use_cuda_graphs
 
 
-def shared_decode_graphs(model, batch: int, max_len: int) -> DecodeGraphs | None:
-    """The model's DecodeGraphs for generate_steps, over a cache of at least `batch` rows and `max_len`
-    positions (replaced by a larger one when needed), locked for the caller; None when CUDA graphs are
-    off or another thread holds it (that caller decodes eagerly with its own cache)."""
+SHARED_CACHE_BYTES = 2 * 2**30  # the largest KV cache a model keeps for generate_steps between calls
+
+
+def decode_graphs_for(model, batch: int, max_len: int) -> DecodeGraphs | None:
+    """DecodeGraphs for one generate_steps call, locked for it (None when CUDA graphs are off).
+
+    The model keeps the last one (cache and graphs) for the next call when its cache is at most
+    SHARED_CACHE_BYTES, so repeated calls skip the captures. A call that it does not fit, or that finds it in
+    use by another thread, gets graphs over a cache of its own, freed with it.
+    """
     if not enabled(model):
         return None
-    current = getattr(model, "_decode_graphs", None)
-    if current is None or current.rows < batch or current.max_len < max_len:
-        if current is not None and current.lock.locked():
-            return None
-        limit = model.config.text_config.max_position_embeddings
-        current = DecodeGraphs(model, model.new_cache(batch, bucket(max_len, MIN_SPAN, limit)))
-        model._decode_graphs = current
-    return current if current.lock.acquire(blocking=False) else None
+    kept = getattr(model, "_decode_graphs", None)
+    if kept is not None and kept.rows >= batch and kept.max_len >= max_len and kept.lock.acquire(blocking=False):
+        return kept
+    limit = model.config.text_config.max_position_embeddings
+    graphs = DecodeGraphs(model, model.new_cache(batch, bucket(max_len, MIN_SPAN, limit)))
+    graphs.lock.acquire()
+    in_use = kept is not None and kept.lock.locked()
+    if not in_use and 2 * graphs.cache.k.numel() * graphs.cache.k.element_size() <= SHARED_CACHE_BYTES:
+        model._decode_graphs = graphs
+    return graphs

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from ..model.qwen2_audio import Qwen2AudioModel
-from .cuda_graphs import shared_decode_graphs
+from .cuda_graphs import decode_graphs_for
 from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
 
 
@@ -43,7 +43,7 @@ def generate_steps(model: Qwen2AudioModel, inputs: dict, params: SamplingParams,
         audio = model.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
     embeds = model.embed(input_ids, audio)
 
-    graphs = shared_decode_graphs(model, B, max_len)  # on CUDA: decode steps replayed as graphs
+    graphs = decode_graphs_for(model, B, max_len)  # on CUDA: decode steps replayed as graphs
     try:
         yield from _steps(model, input_ids, key_mask, embeds, params, stop_ids, max_len, graphs)
     finally:
