@@ -137,6 +137,17 @@ def test_a_cache_over_the_shared_budget_is_used_once_and_not_kept(pipe, monkeypa
     assert pipe.model._decode_graphs is kept
 
 
+def test_graphs_are_recaptured_after_the_weights_are_replaced(tiny_checkpoint):
+    own = qwen2audio.load(tiny_checkpoint[0], device="cuda", dtype="float32", progress=False)
+    own.chat(CONVERSATIONS[0], max_new_tokens=4)
+    before = own.model._decode_graphs
+    own.model.to("cpu").to("cuda")  # new parameter tensors: the kept graphs would read the freed ones
+    with eager(own.model):
+        expected = own.chat(CONVERSATIONS[0], max_new_tokens=20)
+    assert own.chat(CONVERSATIONS[0], max_new_tokens=20) == expected
+    assert own.model._decode_graphs is not before
+
+
 def test_continuous_batching_engine_on_cuda(pipe):
     """Rows admitted mid-flight into the GPU KV cache, decoded by CUDA graphs, answer as they would alone."""
     budgets = [6 + 4 * i for i in range(len(CONVERSATIONS))]

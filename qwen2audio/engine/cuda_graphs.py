@@ -48,6 +48,14 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.lock = threading.Lock()  # generate_steps shares one model-wide instance between threads
         self.replays = 0
+        self.weights = self._weights()  # graphs read the parameters at their addresses when captured
+
+    def _weights(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.model.language_model.parameters())
+
+    def current(self) -> bool:
+        """False once the model's weights were replaced (e.g. `model.half()`): the graphs would read freed memory."""
+        return self._weights() == self.weights
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, rope: torch.Tensor, where: torch.Tensor | int,
@@ -115,6 +123,8 @@ def decode_graphs_for(model, batch: int, max_len: int) -> DecodeGraphs | None:
     if not enabled(model):
         return None
     kept = getattr(model, "_decode_graphs", None)
+    if kept is not None and not kept.current():
+        model._decode_graphs = kept = None
     if kept is not None and kept.rows >= batch and kept.max_len >= max_len and kept.lock.acquire(blocking=False):
         return kept
     limit = model.config.text_config.max_position_embeddings
