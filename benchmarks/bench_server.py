@@ -17,6 +17,7 @@ Ours and the static batch run `--repeats` times, alternated, and the best run of
 
     python benchmarks/bench_server.py            # bench_core's "full" model (121M params), N=64
     python benchmarks/bench_server.py --quick    # smaller model, N=32
+    python benchmarks/bench_server.py --device cuda --dtype bfloat16 --size 7b   # every side on the GPU
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_core import SIZES, Background, StepClock, build_reference, chat, clip, save_checkpoint  # noqa: E402
+from bench_core import SIZES, Background, StepClock, build_reference, chat, clip, save_checkpoint, sync  # noqa: E402
 
 from qwen2audio.processor import Qwen2AudioProcessor  # noqa: E402
 
@@ -78,7 +79,7 @@ def bg_seconds(bg: Background) -> float:
 
 
 # ---- ours: the real server in a subprocess, driven over HTTP -----------------------------------
-def start_server(directory: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(directory: Path, threads: int | None, device: str, dtype: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -87,7 +88,8 @@ def start_server(directory: Path, threads: int | None) -> tuple[subprocess.Popen
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "qwen2audio", "serve", "--model", str(directory), "--port", str(port),
            "--max-batch", str(N_REQUESTS), "--max-model-len", "2048", "--log-level", "warning",
-           "--audio-cache-mb", "0"]  # no encoded-audio reuse: repeated runs must not get cheaper
+           "--audio-cache-mb", "0",  # no encoded-audio reuse: repeated runs must not get cheaper
+           "--device", device, "--dtype", dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -142,8 +144,11 @@ def hf_generate(ref, inputs, n: int, pad_id: int):
     clock = StepClock()
     gen = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
                            pad_token_id=pad_id, bos_token_id=None, use_cache=True)
+    device, dtype = ref.device, ref.dtype
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
     with torch.inference_mode():
         out = ref.generate(**inputs, generation_config=gen, logits_processor=LogitsProcessorList([clock]))
+    sync()
     return out[:, inputs["input_ids"].shape[1]:], clock.stamps
 
 
@@ -168,11 +173,16 @@ def run_hf_static(ref, processor, convs, n, pad_id):
 # ---- main ---------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller model and fewer tokens")
+    ap.add_argument("--quick", action="store_true", help="smaller model and fewer tokens (= --size quick)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full", help="bench_core's model shapes (default: full; "
+                                                                       "7b needs a GPU)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per request (default: 64, quick: 32)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: torch's)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of ours and of the static batch, alternated; "
                                                           "the best of each is reported (default: 2)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for every side (default: cpu)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="weight and compute dtype of every side (default: float32)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
@@ -180,9 +190,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = SIZES["quick" if args.quick else "full"]
+    size = SIZES["quick" if args.quick else args.size]
     n = args.tokens or (32 if args.quick else 64)
-    ref, tok = build_reference(size)
+    ref, tok = build_reference(size, torch.device(args.device), getattr(torch, args.dtype))
     with torch.no_grad():
         # The test tokenizer knows ~400 ids; the model's vocabulary is larger so that the lm_head costs what
         # it would with a real one. Rows past the tokenizer give logit 0, below the max of ~400 random
@@ -204,7 +214,7 @@ def main() -> None:
     prompt_lens = [processor.prepare_chats([c])["input_ids"].shape[1] for c in convs]
     print(f"torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}; model {params / 1e6:.0f}M "
           f"params (text hidden {size['text']['hidden_size']}, {size['text']['num_hidden_layers']} layers, vocab "
-          f"{size['text']['vocab_size']}), fp32 CPU")
+          f"{size['text']['vocab_size']}), {args.dtype} on {args.device}")
     print(f"{N_REQUESTS} requests, clips 2.0-{2.0 + 0.5 * (N_REQUESTS - 1):.1f} s, prompts {min(prompt_lens)}-"
           f"{max(prompt_lens)} tokens, {n} new tokens each (EOS ignored)\n")
 
@@ -212,7 +222,7 @@ def main() -> None:
     # machine hits both alike; each row reports its best run (all runs are listed)
     runs = {OURS: [], STATIC: []}
     ours_text = None
-    proc, url = start_server(directory, args.threads)
+    proc, url = start_server(directory, args.threads, args.device, args.dtype)
     try:
         for r in range(args.repeats):
             bg, server_cpu0 = Background(), process_cpu(proc.pid)
