@@ -207,3 +207,39 @@ def test_engine_thread_serves_concurrent_submitters(pipe):
         assert got == expected
     finally:
         engine.shutdown()
+
+
+def test_requests_admitted_together_are_prefilled_in_one_batch(pipe, monkeypatch):
+    """Right-padded prompts of different lengths, one batch: each answers as it does alone."""
+    convs = [conv(i) for i in range(4)] + [[{"role": "user", "content": "hello world"}]]
+    alone = [pipe.chat(c, max_new_tokens=10) for c in convs]
+    engine = engine_for(pipe, max_batch=8, batch_prefill=True)  # the default on CUDA only
+    batches, real = [], engine._prefill_logits
+    monkeypatch.setattr(engine, "_prefill_logits", lambda seqs: batches.append(len(seqs)) or real(seqs))
+    seqs = [engine.submit(prepare_chat(pipe.tokenizer, c), SamplingParams(max_new_tokens=10)) for c in convs]
+    run_until_idle(engine)
+    assert batches == [5]  # different prompt lengths: one right-padded batch
+    assert [result(s)[0] for s in seqs] == alone
+
+
+def test_a_request_failing_in_a_batched_prefill_fails_alone(pipe, monkeypatch):
+    convs = [conv(i) for i in range(3)]
+    alone = [pipe.chat(c, max_new_tokens=8) for c in convs]
+    engine = engine_for(pipe, max_batch=4, batch_prefill=True)
+    prompts = [prepare_chat(pipe.tokenizer, c) for c in convs]
+    batches, real_prefill, real_encode = [], engine._prefill_logits, engine._encode
+
+    def encode(prompt):
+        if prompt is prompts[1]:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_encode(prompt)
+
+    monkeypatch.setattr(engine, "_encode", encode)
+    monkeypatch.setattr(engine, "_prefill_logits", lambda seqs: batches.append(len(seqs)) or real_prefill(seqs))
+    seqs = [engine.submit(p, SamplingParams(max_new_tokens=8)) for p in prompts]
+    run_until_idle(engine)
+    outputs = [result(s) for s in seqs]
+    assert batches == [3, 1, 1, 1]  # the batch failed, then each request alone
+    assert outputs[1][1].finish_reason == "error" and "out of memory" in outputs[1][1].error
+    assert [outputs[0][0], outputs[2][0]] == [alone[0], alone[2]]
+    assert engine.counters["prefills"] == 2 and engine.scheduler.free_slots == 4

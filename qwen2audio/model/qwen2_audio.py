@@ -97,14 +97,17 @@ class Qwen2AudioModel(nn.Module):
         return embeds.masked_scatter(is_audio[..., None], flat.to(embeds.dtype))
 
     def decode(self, embeds, key_mask, cache: KVCache | None = None, offset: int = 0, positions=None,
-               last_only: bool = False) -> torch.Tensor:
-        """Run the LLM over embeds (B, T, D) given key_mask (B, >=offset+T); returns logits."""
+               last_only: bool = False, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the LLM over embeds (B, T, D) given key_mask (B, >=offset+T); returns logits (B, T, V), or
+        (B, 1, V) for the last position (`last_only`) or for position `at[b]` of each row (right padding)."""
         T = embeds.shape[1]
         if positions is None:
             positions = positions_from_mask(key_mask[:, : offset + T])[:, offset:]
         hidden = self.language_model.model(embeds, positions, self._attention_mask(key_mask, T, offset, embeds.dtype),
                                            cache, offset)
-        if last_only:
+        if at is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), at.to(hidden.device)][:, None]
+        elif last_only:
             hidden = hidden[:, -1:]
         return self.language_model.lm_head(hidden)
 
