@@ -85,8 +85,8 @@ def test_greedy_tokens_match_reference_and_cpu(pipe, reference, tiny_checkpoint)
 
     text = pipe.processor.apply_chat_template(CONVERSATIONS[0])
     clip = sine(1.0, 300, seed=1)
-    r = AutoProcessor.from_pretrained(tiny_checkpoint[0])(text=[text], audio=[clip], return_tensors="pt", padding=True,
-                                                     sampling_rate=16000)
+    ref_proc = AutoProcessor.from_pretrained(tiny_checkpoint[0])
+    r = ref_proc(text=[text], audio=[clip], return_tensors="pt", padding=True, sampling_rate=16000)
     with torch.no_grad():
         out = reference.generate(**{k: v.cuda() for k, v in r.items()}, max_new_tokens=40, min_new_tokens=40,
                                  do_sample=False)
