@@ -2,8 +2,9 @@
 
 One random-weight Qwen2-Audio model is built with transformers (`Qwen2AudioForConditionalGeneration`),
 saved with our processor files to a temporary directory, and loaded back with `qwen2audio.load`
-(fp32 on CPU by default; `--device cuda --dtype bfloat16` puts both sides on the GPU). Then, for each stage, both implementations are timed on identical inputs (warmup runs,
-median of a few repeats, `torch.inference_mode()`):
+(fp32 on CPU by default; `--device cuda --dtype bfloat16` puts both sides on the GPU). Then, for each
+stage, both implementations are timed on identical inputs (warmup runs, median of a few repeats,
+`torch.inference_mode()`):
 
 1. feature extraction: `log_mel_spectrogram` vs `WhisperFeatureExtractor(feature_size=128)`;
 2. audio encoder (+ projector) for a 5 s and a 30 s clip;
@@ -91,7 +92,7 @@ def build_reference(size: dict, device: torch.device, dtype: torch.dtype, seed: 
     text["vocab_size"] = max(text["vocab_size"], tok.vocab_size + 3)
     cfg = Qwen2AudioConfig(
         audio_config=dict(**size["audio"], max_source_positions=1500),
-        text_config=dict({"max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, **text}),
+        text_config={"max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, **text},
         audio_token_index=tok.audio_id,
     )
     torch.manual_seed(seed)
@@ -127,6 +128,12 @@ def sync() -> None:
     """Wait for queued GPU work, so that wall times cover it (a no-op on CPU)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def on_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The processor's CPU tensors on the benchmark's device (features in its dtype)."""
+    return {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point()
+            else v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def timed_pair(fns, warmup: int, repeats: int) -> tuple[list[float], list[object]]:
@@ -284,11 +291,6 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     exact = dtype == torch.float32  # the identical-token and 1e-3 checks hold in fp32 only
 
-    def on(inputs: dict) -> dict:
-        """The processor's CPU tensors on the benchmark's device (features in its dtype)."""
-        return {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point()
-                else v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-
     warnings.filterwarnings("ignore")
     import transformers
     from transformers import WhisperFeatureExtractor
@@ -372,7 +374,8 @@ def main() -> None:
 
         # 3. prefill ------------------------------------------------------------------------
         print("[3] prefill: chat prompt with one 10 s audio -> next-token logits")
-        inputs = on(processor.prepare_chats([chat(clip(10, seed=7), "What is said in this recording?")]))
+        inputs = on_device(processor.prepare_chats([chat(clip(10, seed=7), "What is said in this recording?")]),
+                           device, dtype)
         T = inputs["input_ids"].shape[1]
 
         def ours_prefill():
@@ -405,7 +408,7 @@ def main() -> None:
             seconds = [2.0 + 0.25 * i for i in range(batch)]
             questions = ["Describe the sound.", "What's that sound?", "Transcribe the speech.", "Who is speaking?"]
             convs = [chat(clip(s, seed=20 + i), questions[i % len(questions)]) for i, s in enumerate(seconds)]
-            binputs = on(processor.prepare_chats(convs))
+            binputs = on_device(processor.prepare_chats(convs), device, dtype)
             generates = [lambda: ours_generate(ours, binputs, N),
                          lambda: reference_generate(ref, dict(binputs), N, tok.pad_id)]
             (ours_rate, ours_first, ours_total, ours_tokens), (ref_rate, ref_first, ref_total, ref_tokens) = \

@@ -44,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_core import SIZES, Background, StepClock, build_reference, chat, clip, save_checkpoint, sync  # noqa: E402
+from bench_core import (SIZES, Background, StepClock, build_reference, chat, clip, on_device,  # noqa: E402
+                        save_checkpoint, sync)
 
 from qwen2audio.processor import Qwen2AudioProcessor  # noqa: E402
 
@@ -144,8 +145,7 @@ def hf_generate(ref, inputs, n: int, pad_id: int):
     clock = StepClock()
     gen = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
                            pad_token_id=pad_id, bos_token_id=None, use_cache=True)
-    device, dtype = ref.device, ref.dtype
-    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    inputs = on_device(inputs, ref.device, ref.dtype)
     with torch.inference_mode():
         out = ref.generate(**inputs, generation_config=gen, logits_processor=LogitsProcessorList([clock]))
     sync()

@@ -106,11 +106,11 @@ def test_batch_equals_one_by_one_on_cuda(pipe):
 
 @contextlib.contextmanager
 def eager(model):
-    model.use_cuda_graphs = False
+    saved, model.use_cuda_graphs = model.use_cuda_graphs, False
     try:
         yield
     finally:
-        model.use_cuda_graphs = True
+        model.use_cuda_graphs = saved
 
 
 def test_cuda_graph_decode_equals_eager_across_span_buckets(pipe, no_tf32):

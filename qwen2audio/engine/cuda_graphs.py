@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.qwen2 import KVCache, RowKVCache
+from ..model.qwen2 import KVCache
 
 MIN_SPAN = 256
 
@@ -98,12 +98,9 @@ class DecodeGraphs:
         return g
 
     def _step(self, g: _Graph, span: int) -> torch.Tensor:
-        lm = self.model.language_model
         mask = torch.zeros(g.allowed.shape, dtype=self.model.dtype, device=g.allowed.device)
         mask = mask.masked_fill_(~g.allowed, float("-inf"))[:, None, None, :]  # (rows, 1, 1, span)
-        embeds = lm.model.embed_tokens(g.tokens[:, None])  # generated ids are plain text: no audio to merge
-        hidden = lm.model(embeds, g.rope[:, None], mask, RowKVCache(self.cache.k, self.cache.v, g.where, span), None)
-        return lm.lm_head(hidden[:, -1])
+        return self.model.decode_rows(g.tokens, g.rope, mask, self.cache, span, where=g.where)
 
 
 def enabled(model) -> bool:

@@ -27,7 +27,6 @@ from typing import Callable, Iterator
 import torch
 
 from ..features import log_mel_spectrogram
-from ..model.qwen2 import RowKVCache
 from ..model.qwen2_audio import Qwen2AudioModel
 from ..tokenizer import Tokenizer
 from .audio_cache import AudioEmbeddingCache
@@ -188,11 +187,11 @@ class LLMEngine:
             ids[i, : lengths[i]] = torch.tensor(s.prompt.ids)
             audio += self._encode(s.prompt) or []
         ids = ids.to(device)
-        key_mask = torch.arange(ids.shape[1], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        ends = torch.tensor(lengths, device=device)
+        key_mask = torch.arange(ids.shape[1], device=device)[None, :] < ends[:, None]
         embeds = model.embed(ids, audio or None)
         rows = self.cache.rows(seqs[0].row, seqs[0].row + len(seqs))
-        last = torch.tensor(lengths, device=device) - 1
-        return model.decode(embeds, key_mask, rows, offset=0, at=last)[:, -1].float()
+        return model.decode(embeds, key_mask, rows, offset=0, at=ends - 1)[:, -1].float()
 
     def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         for seq in seqs:
@@ -205,7 +204,7 @@ class LLMEngine:
     def _decode(self) -> None:
         """One token for every running row; row i writes at position pos_i and reads keys 0..pos_i."""
         seqs = list(self.scheduler.running)
-        device, lm = self.model.device, self.model.language_model
+        device = self.model.device
         positions = [s.pos for s in seqs]
         pos = torch.tensor(positions, device=device)
         span = max(positions) + 1
@@ -218,9 +217,7 @@ class LLMEngine:
                 beyond = torch.arange(span, device=device)[None, :] > pos[:, None]  # (B, span)
                 mask = torch.zeros(beyond.shape, dtype=self.model.dtype, device=device).masked_fill_(beyond, float("-inf"))
                 mask = mask[:, None, None, :]  # (B, 1, 1, span)
-            embeds = lm.model.embed_tokens(tokens[:, None])  # generated ids are plain text: no audio to merge
-            hidden = lm.model(embeds, pos[:, None], mask, RowKVCache(self.cache.k, self.cache.v, pos, span), None)
-            logits = lm.lm_head(hidden[:, -1]).float()  # (B, V)
+            logits = self.model.decode_rows(tokens, pos, mask, self.cache, span).float()  # (B, V)
         self.counters["decode_steps"] += 1
         self.counters["peak_running"] = max(self.counters["peak_running"], len(seqs))
         for s in seqs:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import Qwen2AudioConfig
 from .encoder import AudioEncoder
-from .qwen2 import KVCache, Qwen2ForCausalLM
+from .qwen2 import KVCache, Qwen2ForCausalLM, RowKVCache
 
 
 class AudioTokenMismatch(ValueError):
@@ -110,6 +110,16 @@ class Qwen2AudioModel(nn.Module):
         elif last_only:
             hidden = hidden[:, -1:]
         return self.language_model.lm_head(hidden)
+
+    def decode_rows(self, tokens, positions, mask, cache: KVCache, span: int, where=None) -> torch.Tensor:
+        """One new token for each of the first B rows of `cache`, each row at its own position (B,): writes its
+        key and value at `where` (default: its position), attends over the first `span` keys of its row
+        (`mask`: additive (B, 1, 1, span), or None when a row may see all of them); returns logits (B, V)."""
+        lm = self.language_model
+        where = positions if where is None else where
+        embeds = lm.model.embed_tokens(tokens[:, None])  # generated ids are plain text: no audio to merge
+        hidden = lm.model(embeds, positions[:, None], mask, RowKVCache(cache.k, cache.v, where, span), None)
+        return lm.lm_head(hidden[:, -1])
 
     @staticmethod
     def _attention_mask(key_mask: torch.Tensor, q_len: int, offset: int, dtype: torch.dtype):
