@@ -236,6 +236,32 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(procs, corpus):
     assert qwen2audio.load(result.output, device="cpu", progress=False)
 
 
+# ---- exporting a step checkpoint ---------------------------------------------------------------
+def test_export_checkpoint_writes_the_model_the_run_had_at_that_step(corpus, tmp_path, capsys):
+    from qwen2audio.cli import main
+
+    run = train(config(corpus, tmp_path / "run", lora=True, lora_r=4, max_steps=4, save_every=2, lr=1e-2,
+                       batch_size=2))
+    steps = run.output / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(steps)] == ["step-00000002", "step-00000004"]
+    for step in (2, 4):
+        assert main(["export-checkpoint", str(steps / f"step-0000000{step}"), "--output", str(tmp_path / f"at{step}")]) == 0
+    final, at4, at2 = (load_file(d / "model.safetensors") for d in (run.output, tmp_path / "at4", tmp_path / "at2"))
+    assert final.keys() == at4.keys() == at2.keys()
+    assert all(torch.equal(final[k], at4[k]) for k in final)  # the last step's export is the run's own output
+    assert not all(torch.equal(final[k], at2[k]) for k in final)  # an earlier step is another model
+    adapter = "adapter/adapter_model.safetensors"
+    a, b = load_file(run.output / adapter), load_file(tmp_path / "at4" / adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert qwen2audio.load(tmp_path / "at2", device="cpu", progress=False)
+
+    capsys.readouterr()
+    assert main(["export-checkpoint", str(steps / "step-00000002"), "--output", str(tmp_path / "at4")]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    assert main(["export-checkpoint", str(tmp_path / "at2"), "--output", str(tmp_path / "x")]) == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
+
+
 # ---- LoRA: merged == base + adapter, and PEFT reads the adapter --------------------------------
 def test_lora_merge_equals_base_plus_adapter_and_peft_agrees(corpus, tmp_path):
     from peft import PeftModel

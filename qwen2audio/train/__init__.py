@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "TrainConfig": "config", "TrainConfigError": "config",
-    "train": "loop", "TrainResult": "loop",
+    "train": "loop", "TrainResult": "loop", "export_checkpoint": "loop",
     "DataError": "records", "load_examples": "records",
     "make_example": "pretrain_tasks", "examples_from_pairs": "pretrain_tasks", "task_record": "pretrain_tasks",
     "task_records_from_pairs": "pretrain_tasks",

@@ -138,7 +138,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, extra: bool = True) -> Checkpoint:
+    """Read a step directory; extra=False skips the optimizer file (enough to export the weights)."""
     path = Path(path)
     if not (path / STATE).is_file():
         raise CheckpointError(f"{path}: not a training checkpoint (no {STATE})")
@@ -148,7 +149,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path / STATE}: not valid JSON ({e})") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
-    return Checkpoint(path, _read_tensors(path / TRAINABLE), _read_tensors(path / OPTIMIZER), state)
+    return Checkpoint(path, _read_tensors(path / TRAINABLE), _read_tensors(path / OPTIMIZER) if extra else {}, state)
 
 
 # ---- optimizer state as named tensors + JSON ---------------------------------------------------

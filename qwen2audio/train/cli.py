@@ -81,7 +81,17 @@ def register(subparsers) -> dict:
     p.add_argument("--seed", type=int, metavar="N", default=S, help="seed for data order and init (default: 42)")
     p.add_argument("--no-progress", action="store_const", dest="progress", const=False, default=S,
                    help="print one line per step instead of a progress bar")
-    return {"train": cmd_train}
+    e = subparsers.add_parser(
+        "export-checkpoint", help="write a training checkpoint (OUTPUT/checkpoints/step-N) as a model directory",
+        description="Write one of a training run's step checkpoints as an ordinary checkpoint directory that "
+                    "ask, eval, serve and transformers open: the run's base model with the step's trained "
+                    "weights (LoRA merged, and the adapter written, as the run was set up). Use it to evaluate "
+                    "a run before it ends, or an earlier step than the last.")
+    e.add_argument("checkpoint", metavar="STEP_DIR", help="a step directory, e.g. out/checkpoints/step-00003000")
+    e.add_argument("--output", metavar="DIR", required=True, help="where to write the model (must not hold one)")
+    e.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the written weights (default: the run's save_dtype; auto = the base model's)")
+    return {"train": cmd_train, "export-checkpoint": cmd_export_checkpoint}
 
 
 def config_from_args(args):
@@ -102,4 +112,11 @@ def cmd_train(args) -> int:
     from .loop import train
 
     train(cfg)
+    return 0
+
+
+def cmd_export_checkpoint(args) -> int:
+    from .loop import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.output, args.save_dtype)
     return 0

@@ -283,6 +283,17 @@ def _save(root, step, cfg, d, model, optimizer, names, stream, total, tables) ->
     return path
 
 
+def _load_trainable(model, c: ckpt.Checkpoint, what: str) -> None:
+    """Copy a checkpoint's trainable weights into a model prepared (frozen parts, LoRA) like its run."""
+    params = dict(model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(c.trainable) != wanted:
+        raise ckpt.CheckpointError(f"{what} {c.path}: its trainable weights do not match this model")
+    with torch.no_grad():
+        for name, tensor in c.trainable.items():
+            params[name].copy_(tensor)
+
+
 def _restore(path, cfg, d, model, optimizer, names, stream):
     c = ckpt.load_checkpoint(path)
     saved = c.state["config"]
@@ -293,13 +304,7 @@ def _restore(path, cfg, d, model, optimizer, names, stream):
     if c.state["world_size"] != d.world:
         raise TrainConfigError(f"--resume {path}: saved with {c.state['world_size']} process(es), now {d.world}; "
                                "the data position is per process, so resume with the same count")
-    trainable = dict(model.named_parameters())
-    wanted = {n for n, p in trainable.items() if p.requires_grad}
-    if set(c.trainable) != wanted:
-        raise ckpt.CheckpointError(f"--resume {path}: its trainable weights do not match this model")
-    with torch.no_grad():
-        for name, tensor in c.trainable.items():
-            trainable[name].copy_(tensor)
+    _load_trainable(model, c, "--resume")
     optim = {k[len("optim."):]: v.to(d.device) for k, v in c.extra.items() if k.startswith("optim.")}
     for key, value in optim.items():
         if key.endswith("::step"):
@@ -313,4 +318,27 @@ def _restore(path, cfg, d, model, optimizer, names, stream):
     return c.state["step"], tables
 
 
-__all__ = ["TrainResult", "evaluate", "lr_at", "train"]
+def export_checkpoint(path: str | Path, output: str | Path, save_dtype: str | None = None, say=print) -> Path:
+    """Write a step directory (OUTPUT/checkpoints/step-N) as an ordinary checkpoint directory, the way the
+    run would have exported its model had it ended at that step: its base model (the run's `model`) with
+    the saved trainable weights, LoRA merged (and the adapter written) as the run's config says."""
+    c = ckpt.load_checkpoint(path, extra=False)
+    cfg = TrainConfig(**{**c.state["config"], "output": str(output), "resume": None})
+    if save_dtype is not None:
+        cfg.save_dtype = save_dtype
+    cfg.validate()
+    out = Path(output)
+    if (out / "config.json").exists() or (out / "adapter").exists():
+        raise TrainConfigError(f"{out} already holds a model: choose another --output")
+    if not Path(cfg.model).is_dir():
+        raise TrainConfigError(f"{path}: its run started from {cfg.model}, which is not a directory here "
+                               "(a relative path is read from the current directory)")
+    model = setup.load_model(cfg, torch.device("cpu"))
+    setup.prepare_trainable(model, cfg)
+    _load_trainable(model, c, "export")
+    processor = Qwen2AudioProcessor.from_pretrained(check_directory(cfg.model))
+    say(f"{c.path}: step {c.state['step']} of {c.state['total_steps']} ({cfg.stage}, from {cfg.model})")
+    return setup.export(model, cfg, processor, say)
+
+
+__all__ = ["TrainResult", "evaluate", "export_checkpoint", "lr_at", "train"]
