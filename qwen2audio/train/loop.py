@@ -323,7 +323,8 @@ def export_checkpoint(path: str | Path, output: str | Path, save_dtype: str | No
     run would have exported its model had it ended at that step: its base model (the run's `model`) with
     the saved trainable weights, LoRA merged (and the adapter written) as the run's config says."""
     c = ckpt.load_checkpoint(path, extra=False)
-    cfg = TrainConfig(**{**c.state["config"], "output": str(output), "resume": None})
+    saved = {k: v for k, v in c.state["config"].items() if k in TrainConfig.field_names()}  # keys of any version
+    cfg = TrainConfig(**{**saved, "output": str(output), "resume": None})
     if save_dtype is not None:
         cfg.save_dtype = save_dtype
     cfg.validate()
