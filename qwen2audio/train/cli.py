@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from .config import DTYPES  # config.py needs only the standard library
+
 DESCRIPTION = """\
 Train a Qwen2-Audio checkpoint: --stage pretrain (task records -> raw task prompts), sft (chat
 conversations) or dpo (conversations + "rejected_response"). Settings come from the defaults, then
@@ -89,7 +91,7 @@ def register(subparsers) -> dict:
                     "a run before it ends, or an earlier step than the last.")
     e.add_argument("checkpoint", metavar="STEP_DIR", help="a step directory, e.g. out/checkpoints/step-00003000")
     e.add_argument("--output", metavar="DIR", required=True, help="where to write the model (must not hold one)")
-    e.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+    e.add_argument("--save-dtype", choices=("auto",) + DTYPES, default=None,
                    help="dtype of the written weights (default: the run's save_dtype; auto = the base model's)")
     return {"train": cmd_train, "export-checkpoint": cmd_export_checkpoint}
 

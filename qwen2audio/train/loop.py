@@ -331,13 +331,10 @@ def export_checkpoint(path: str | Path, output: str | Path, save_dtype: str | No
     out = Path(output)
     if (out / "config.json").exists() or (out / "adapter").exists():
         raise TrainConfigError(f"{out} already holds a model: choose another --output")
-    if not Path(cfg.model).is_dir():
-        raise TrainConfigError(f"{path}: its run started from {cfg.model}, which is not a directory here "
-                               "(a relative path is read from the current directory)")
+    processor = Qwen2AudioProcessor.from_pretrained(check_directory(cfg.model))  # the run's base model is still there
     model = setup.load_model(cfg, torch.device("cpu"))
     setup.prepare_trainable(model, cfg)
     _load_trainable(model, c, "export")
-    processor = Qwen2AudioProcessor.from_pretrained(check_directory(cfg.model))
     say(f"{c.path}: step {c.state['step']} of {c.state['total_steps']} ({cfg.stage}, from {cfg.model})")
     return setup.export(model, cfg, processor, say)
 
