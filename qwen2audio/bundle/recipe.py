@@ -73,7 +73,7 @@ WHISPER_ENCODERS = {
 }
 
 
-def _package_file(module: str, relative: str) -> Path:
+def package_file(module: str, relative: str) -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec(module)
@@ -88,7 +88,7 @@ def whisper_bin(name: str, join_dir: str | Path | None = None) -> Path:
     joined once into JOIN_DIR/whisper-NAME.bin."""
     if name not in WHISPER_ENCODERS:
         raise ValueError(f"unknown Whisper encoder {name!r}; choose from {', '.join(WHISPER_ENCODERS)}")
-    parts = [_package_file(module, relative) for module, relative in WHISPER_ENCODERS[name]]
+    parts = [package_file(module, relative) for module, relative in WHISPER_ENCODERS[name]]
     if len(parts) == 1:
         return parts[0]
     if join_dir is None:
