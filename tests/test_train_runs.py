@@ -319,8 +319,13 @@ def test_torchrun_two_processes_match_one_process(procs, corpus, tmp_path):
     assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in single.history], rel=1e-4)
     assert [m["tokens"] for m in metrics] == [m["tokens"] for m in single.history]
     a, b = load_file(out / "model.safetensors"), load_file(single.output / "model.safetensors")
+    # Summing the gradient over two ranks rounds differently from one batch of two, and Adam divides by
+    # sqrt(v): where v is tiny, a rounding-level gradient difference becomes a visible one (3.7e-5 on one
+    # weight in 4,096 seen on a CPU without AMX). Adam moves nearly every weight by about lr (1e-3) per step,
+    # in a direction set by the gradient, so a rank stepping on its own half-batch misses by far more than
+    # a tenth of that.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
 
 
 # ---- the CLI, end to end -----------------------------------------------------------------------
