@@ -97,6 +97,36 @@ def test_bad_records_are_reported_with_file_line_and_reason(clips, tok, capsys):
     assert "skipped 10 bad record(s)" in capsys.readouterr().out
 
 
+def test_wrong_role_orders_are_rejected_with_file_line_and_reason(clips, tok):
+    def conv(*roles):
+        return {"messages": [{"role": r, "content": f"{r} text"} for r in roles]}
+
+    lines = [
+        conv("user", "assistant"),                                      # 1 ok
+        conv("system", "user", "assistant", "user", "assistant"),       # 2 ok
+        conv("assistant", "user", "assistant"),                         # 3 assistant first
+        conv("user", "user", "assistant"),                              # 4 two users in a row
+        conv("user", "assistant", "assistant"),                         # 5 two assistants in a row
+        conv("system", "assistant"),                                    # 6 assistant right after system
+        conv("user", "system", "assistant"),                            # 7 system in the middle
+        conv("system", "system", "user", "assistant"),                  # 8 two system messages
+    ]
+    path = write_jsonl(clips / "roles.jsonl", lines)
+    report = load_examples(path, "sft", tok, 512, skip_bad_records=True, log=None)
+    assert [e.where for e in report.examples] == [f"{path}:1", f"{path}:2"]
+    assert report.problems == [
+        f"{path}:3: message 0: the conversation must start with a user turn, not assistant",
+        f"{path}:4: message 1: two user turns in a row (user and assistant turns must alternate)",
+        f"{path}:5: message 2: two assistant turns in a row (user and assistant turns must alternate)",
+        f"{path}:6: message 1: the conversation must start with a user turn after the system message, not assistant",
+        f"{path}:7: message 1: a system message may only come first",
+        f"{path}:8: message 1: a system message may only come first",
+    ]
+    dpo = write_jsonl(clips / "roles_dpo.jsonl", [{**conv("assistant", "assistant"), "rejected_response": "no"}])
+    with pytest.raises(DataError, match=r"roles_dpo.jsonl:1: message 0: the conversation must start with a user turn"):
+        load_examples(dpo, "dpo", tok, 512, log=None)
+
+
 def test_dpo_and_pretrain_records_are_checked(clips, tok):
     dpo = write_jsonl(clips / "dpo.jsonl", [
         chat("<audio>Hi", "good", ["a.wav"], rejected_response="bad"),

@@ -96,6 +96,25 @@ def _resolve(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else base / p)
 
 
+def check_role_order(messages: list) -> None:
+    """An optional system message first, then user and assistant turns alternating, a user turn first:
+    the order the chat template and the model were trained on. Anything else is a data mistake (a
+    shifted or merged conversation) that would train the model on the wrong speaker."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RecordError(f"message {i}: needs a role among system, user, assistant")
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[first:], first):
+        role, previous = m["role"], messages[i - 1]["role"] if i else None
+        if role == "system":
+            raise RecordError(f"message {i}: a system message may only come first")
+        if i == first and role != "user":
+            raise RecordError(f"message {i}: the conversation must start with a user turn"
+                              + (" after the system message" if first else "") + f", not {role}")
+        if role == previous:
+            raise RecordError(f"message {i}: two {role} turns in a row (user and assistant turns must alternate)")
+
+
 def normalize_messages(record: dict, base: Path) -> list[dict]:
     """ms-swift tags or structured parts -> messages whose contents are lists of parts with resolved paths."""
     messages = record.get("messages")
@@ -108,11 +127,10 @@ def normalize_messages(record: dict, base: Path) -> list[dict]:
         audios = [audios]
     if not isinstance(audios, list) or not all(isinstance(a, str) and a for a in audios):
         raise RecordError("'audios' must be a list of file paths")
+    check_role_order(messages)
     tags = 0
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RecordError(f"message {i}: needs a role among system, user, assistant")
         content = m.get("content")
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
