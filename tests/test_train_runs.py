@@ -221,6 +221,25 @@ def test_resume_continues_exactly(corpus, tmp_path):
         train(config(corpus, tmp_path / "resumed", **common))
 
 
+def test_resume_leaves_one_metrics_row_per_step_in_order(corpus, tmp_path):
+    common = dict(max_steps=5, save_every=2, batch_size=2, lr=1e-3)
+    straight = train(config(corpus, tmp_path / "straight", **common))
+    train(config(corpus, tmp_path / "run", stop_at_step=3, **common))
+    root = tmp_path / "run" / "checkpoints"
+    # As if killed after logging step 3 but before its checkpoint was in place: steps 3.. run again.
+    (root / "step-00000003").rename(root / ".tmp-step-00000003-killed")
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss"')  # a row cut short by the kill
+    resumed = train(config(corpus, tmp_path / "run", resume="latest", **common))
+    assert [r["step"] for r in resumed.history] == [3, 4, 5]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight.history], rel=1e-5)
+    train(config(corpus, tmp_path / "run", resume=str(root / "step-00000004"), **common))  # not the latest
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
 def test_kill_during_save_leaves_a_loadable_checkpoint(procs, corpus):
     proc = procs["killed"].result()
     assert proc.returncode == -signal.SIGKILL, proc.stderr

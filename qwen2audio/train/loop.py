@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -140,6 +141,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
 
     # ---- the loop -----------------------------------------------------------------------------
     history: list[dict] = []
+    if resume_from is not None and d.is_main:
+        trim_metrics(out / "metrics.jsonl", step)
     metrics = (out / "metrics.jsonl").open("a" if resume_from else "w") if d.is_main else None
     bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True,
                disable=not (d.is_main and cfg.progress), file=sys.stderr)
@@ -210,6 +213,24 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
         setup.export(model, cfg, processor, say)
     d.barrier()
     return TrainResult(out, step, finished, history, model)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Before a resumed run appends: keep the rows of steps up to the checkpoint's, once each, in order.
+    A run stopped (or killed) after its last checkpoint logged steps the resumed run will log again."""
+    if not path.is_file():
+        return
+    rows: dict[int, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+        if isinstance(row_step, int) and row_step <= step:
+            rows[row_step] = line  # a step logged twice (an older resume) keeps its latest row
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(rows[k] + "\n" for k in sorted(rows)), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # ---- evaluation --------------------------------------------------------------------------------
