@@ -11,6 +11,7 @@ import torch
 
 from .chat import asr_prompt, raw_prompt
 from .engine import SamplingParams, generate_steps
+from .errors import Qwen2AudioError
 from .model import Qwen2AudioModel
 from .processor import Qwen2AudioProcessor
 from .weights import CheckpointError, check_directory
@@ -31,7 +32,7 @@ def resolve_dtype(dtype, device: str) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(sorted(set(DTYPES)))}")
+        raise Qwen2AudioError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(sorted(set(DTYPES)))}")
     return DTYPES[dtype]
 
 
@@ -39,7 +40,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class DeviceError(ValueError):
+class DeviceError(Qwen2AudioError):
     """A --device the machine cannot provide."""
 
 
@@ -89,7 +90,7 @@ class Pipeline:
 
     def params(self, sampling: SamplingParams | None = None, **kwargs) -> SamplingParams:
         if sampling is not None and kwargs:
-            raise ValueError("pass either a SamplingParams or keyword sampling options, not both")
+            raise Qwen2AudioError("pass either a SamplingParams or keyword sampling options, not both")
         return sampling or SamplingParams(**kwargs)
 
     # ---- entry points ------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import Qwen2AudioError
+
 SAMPLE_RATE = 16000
 # Mel frames use a 160-sample hop and the encoder halves the frame count twice
 # (conv stride 2, then pooling): 320 samples or fewer give 0 audio tokens.
@@ -32,8 +34,16 @@ _INT_SCALE = {
 }
 
 
-class AudioError(ValueError):
+class AudioError(Qwen2AudioError):
     """An audio input could not be turned into a usable 16 kHz mono waveform."""
+
+
+class AudioTooLong(AudioError):
+    """The audio is longer than the caller's `max_seconds`; raised while decoding, before the rest is read."""
+
+    def __init__(self, message: str, max_seconds: float):
+        super().__init__(message)
+        self.max_seconds = max_seconds
 
 
 def _label(source, name: str | None) -> str:
@@ -85,12 +95,51 @@ def _to_float_mono(x, label: str) -> np.ndarray:
     return arr
 
 
-def _decode_soundfile(data) -> tuple[np.ndarray, int]:
-    wav, sr = sf.read(data, dtype="float32", always_2d=True)  # (frames, channels)
-    return wav.mean(axis=1, dtype=np.float32), sr
+# Encoded files are decoded block by block: each block is downmixed, checked and resampled to 16 kHz at
+# once, so memory holds the 16 kHz result plus one block, and a `max_seconds` cap stops the decoder as soon
+# as it is passed. A 1 MB FLAC can hold hours of silence: checking the length after decoding it whole cost
+# gigabytes and tens of seconds (issue 20). Streamed resampling equals the one-shot soxr.resample exactly.
+BLOCK_FRAMES = 65536
 
 
-def _decode_av(data) -> tuple[np.ndarray, int]:
+class _Collector:
+    """Mono float32 blocks at the file's rate -> 16 kHz, under an optional duration cap."""
+
+    def __init__(self, sr: int, label: str, max_seconds: float | None):
+        _check_rate(sr, label)
+        self.label, self.max_seconds = label, max_seconds
+        self.limit = None if max_seconds is None else math.floor(max_seconds * sr)  # frames at the file's rate
+        self.sr, self.frames, self.blocks = sr, 0, []
+        self.stream = None if sr == SAMPLE_RATE else soxr.ResampleStream(sr, SAMPLE_RATE, 1, dtype="float32",
+                                                                         quality="HQ")
+
+    def add(self, mono: np.ndarray) -> None:
+        self.frames += mono.shape[0]
+        if self.limit is not None and self.frames > self.limit:
+            raise AudioTooLong(f"{self.label}: audio is longer than {self.max_seconds:g} s (stopped decoding "
+                               f"there)", self.max_seconds)
+        # Check before resampling: soxr would smear a single NaN over its whole filter length.
+        if not np.isfinite(mono).all():
+            raise AudioError(f"{self.label}: audio contains NaN or Inf values")
+        self.blocks.append(mono if self.stream is None else self.stream.resample_chunk(mono))
+
+    def finish(self) -> np.ndarray:
+        if self.frames == 0:
+            raise AudioError(f"{self.label}: audio is empty (0 samples)")
+        if self.stream is not None:
+            self.blocks.append(self.stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        return np.concatenate(self.blocks)
+
+
+def _decode_soundfile(data, label: str, max_seconds: float | None) -> np.ndarray:
+    with sf.SoundFile(data) as f:
+        out = _Collector(f.samplerate, label, max_seconds)
+        for block in f.blocks(BLOCK_FRAMES, dtype="float32", always_2d=True):  # (frames, channels)
+            out.add(block.mean(axis=1, dtype=np.float32))
+    return out.finish()
+
+
+def _decode_av(data, label: str, max_seconds: float | None) -> np.ndarray:
     import av  # imported lazily: only needed for formats libsndfile cannot read
 
     with av.open(data, mode="r") as container:
@@ -100,25 +149,31 @@ def _decode_av(data) -> tuple[np.ndarray, int]:
         # float, so downmixing is a plain channel average and resampling is soxr, as
         # for every other input (ffmpeg's own downmix uses a -3 dB matrix instead).
         resampler = av.AudioResampler(format="fltp")
-        chunks, sr = [], None
+        out = None
         for frame in container.decode(audio=0):
-            sr = sr or frame.sample_rate
-            chunks += [f.to_ndarray() for f in resampler.resample(frame)]
-        chunks += [f.to_ndarray() for f in resampler.resample(None)]  # flush
-    if not chunks:
-        return np.zeros(0, np.float32), sr or SAMPLE_RATE
-    return np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32), sr
+            out = out or _Collector(frame.sample_rate, label, max_seconds)
+            for f in resampler.resample(frame):
+                out.add(f.to_ndarray().mean(axis=0, dtype=np.float32))  # (channels, n) -> (n,)
+        for f in resampler.resample(None) if out else []:  # flush
+            out.add(f.to_ndarray().mean(axis=0, dtype=np.float32))
+    if out is None:
+        raise AudioError(f"{label}: audio is empty (0 samples)")
+    return out.finish()
 
 
-def _decode(src, label: str) -> tuple[np.ndarray, int]:
-    """Encoded file (path or bytes) -> (mono float32, native rate); soundfile, then PyAV."""
+def _decode(src, label: str, max_seconds: float | None) -> np.ndarray:
+    """Encoded file (path or bytes) -> 16 kHz mono float32; soundfile, then PyAV."""
     opener = (lambda: io.BytesIO(src)) if isinstance(src, bytes) else (lambda: src)
     try:
-        return _decode_soundfile(opener())
+        return _decode_soundfile(opener(), label, max_seconds)
+    except AudioError:  # decodable, but too long, empty or not finite: the verdict stands
+        raise
     except Exception as e:  # libsndfile does not know m4a/aac/webm/...: try ffmpeg
         sf_err = e
     try:
-        return _decode_av(opener())
+        return _decode_av(opener(), label, max_seconds)
+    except AudioError:
+        raise
     except Exception as e:
         # Short library reasons only (soundfile's str() embeds a BytesIO repr).
         sf_msg = getattr(sf_err, "error_string", None) or sf_err
@@ -126,11 +181,14 @@ def _decode(src, label: str) -> tuple[np.ndarray, int]:
         raise AudioError(f"{label}: cannot decode audio (soundfile: {sf_msg}; av: {av_msg})") from e
 
 
-def load_audio(source, sampling_rate: int | None = None, *, name: str | None = None) -> np.ndarray:
+def load_audio(source, sampling_rate: int | None = None, *, name: str | None = None,
+               max_seconds: float | None = None) -> np.ndarray:
     """Return ``source`` as contiguous 1-D float32 at 16 kHz mono.
 
     ``sampling_rate`` is the rate of an array/tensor input (default 16000); it is
     ignored for encoded files, whose header carries the rate, and for tuples.
+    ``max_seconds``: raise AudioTooLong for longer audio; an encoded file is decoded only
+    up to that point, so memory and time stay bounded whatever its header claims.
     """
     label = _label(source, name)
     if sampling_rate is not None:
@@ -142,28 +200,25 @@ def load_audio(source, sampling_rate: int | None = None, *, name: str | None = N
             raise AudioError(f"{label}: file not found")
         if path.is_dir():
             raise AudioError(f"{label}: is a directory, not an audio file")
-        wav, sr = _decode(str(path), label)
+        wav = _decode(str(path), label, max_seconds)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise AudioError(f"{label}: empty input")
-        wav, sr = _decode(data, label)
-    elif isinstance(source, tuple):
-        if len(source) != 2:
-            raise AudioError(f"{label}: expected an (array, sample_rate) tuple, got {len(source)} items")
-        wav, sr = _to_float_mono(source[0], label), _check_rate(source[1], label)
-    elif isinstance(source, (np.ndarray, np.generic, list)) or _is_tensor(source):
-        wav, sr = _to_float_mono(source, label), sampling_rate or SAMPLE_RATE
-    else:
-        raise AudioError(f"{label}: unsupported audio input type {type(source).__name__}")
+        wav = _decode(data, label, max_seconds)
+    else:  # an array the caller already holds: checked and resampled whole
+        if isinstance(source, tuple):
+            if len(source) != 2:
+                raise AudioError(f"{label}: expected an (array, sample_rate) tuple, got {len(source)} items")
+            arr, sr = _to_float_mono(source[0], label), _check_rate(source[1], label)
+        elif isinstance(source, (np.ndarray, np.generic, list)) or _is_tensor(source):
+            arr, sr = _to_float_mono(source, label), sampling_rate or SAMPLE_RATE
+        else:
+            raise AudioError(f"{label}: unsupported audio input type {type(source).__name__}")
+        out = _Collector(sr, label, max_seconds)
+        out.add(arr)
+        wav = out.finish()
 
-    if wav.size == 0:
-        raise AudioError(f"{label}: audio is empty (0 samples)")
-    # Check before resampling: soxr would smear a single NaN over its whole filter length.
-    if not np.isfinite(wav).all():
-        raise AudioError(f"{label}: audio contains NaN or Inf values")
-    if sr != SAMPLE_RATE:
-        wav = soxr.resample(wav, sr, SAMPLE_RATE, quality="HQ")
     if wav.shape[0] < MIN_SAMPLES:
         raise AudioError(
             f"{label}: audio is too short ({wav.shape[0] / SAMPLE_RATE:.3f} s, {wav.shape[0]} samples "

@@ -10,6 +10,7 @@ import base64
 import binascii
 from typing import Any
 
+from .errors import Qwen2AudioError
 from .tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_END, IM_START
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -37,7 +38,7 @@ TASK_PROMPTS = {
 }
 
 
-class MessageError(ValueError):
+class MessageError(Qwen2AudioError):
     """Messages that do not follow the chat schema."""
 
 
@@ -130,6 +131,16 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> tup
 def raw_prompt(instruction: str, num_audios: int = 1) -> str:
     """The base model's prompt: audio blocks then the task instruction, no chat markup."""
     return AUDIO_BLOCK * num_audios + instruction
+
+
+# Languages of the speech data Qwen2-Audio was trained on (the paper's ASR and speech-translation sets: Fleurs,
+# Common Voice, CoVoST2, AISHELL, LibriSpeech), by the code of the tag its transcripts start with (<|en|>).
+ASR_LANGUAGES = {
+    "en": "English", "zh": "Chinese", "yue": "Cantonese", "de": "German", "fr": "French", "es": "Spanish",
+    "it": "Italian", "ja": "Japanese", "ko": "Korean", "ru": "Russian", "pt": "Portuguese", "nl": "Dutch",
+    "ar": "Arabic", "ca": "Catalan", "fa": "Persian", "et": "Estonian", "mn": "Mongolian", "tr": "Turkish",
+    "sv": "Swedish", "lv": "Latvian", "sl": "Slovenian", "ta": "Tamil", "id": "Indonesian", "cy": "Welsh",
+}
 
 
 def asr_prompt(language: str | None = None) -> str:

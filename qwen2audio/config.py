@@ -12,8 +12,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import Qwen2AudioError
 
-class ConfigError(ValueError):
+
+class ConfigError(Qwen2AudioError):
     """A config.json that cannot describe a Qwen2-Audio model."""
 
 

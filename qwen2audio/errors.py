@@ -1,9 +1,19 @@
 """The one base class of user-facing errors.
 
-Surfaces (CLI, server, evaluator) catch `Qwen2AudioError` and show its message as the user's mistake;
-anything else is a bug and keeps its traceback.
+Every error that says "your input (a file, an option, a request, a checkpoint) is wrong" derives
+from `Qwen2AudioError`; the surfaces (CLI, HTTP server, eval runner) catch only this class and show
+its message without a traceback. Anything else that escapes is a bug and is shown as one: a
+traceback in the CLI, a 500 with the traceback in the server's log.
+
+It derives from ValueError so that Python callers who caught ValueError before keep working.
 """
+
+from __future__ import annotations
 
 
 class Qwen2AudioError(ValueError):
-    """A problem with what the user gave (a file, a flag, a request), explained in the message."""
+    """An input, option or file the user can fix; the message says what to change."""
+
+
+class AudioTokenMismatch(Qwen2AudioError):
+    """The prompt's <|AUDIO|> placeholders and the given audio disagree in count."""

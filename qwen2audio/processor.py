@@ -16,6 +16,7 @@ import torch
 
 from .audio import AudioError, load_audio
 from .chat import CHAT_TEMPLATE, render_chat
+from .errors import AudioTokenMismatch, Qwen2AudioError
 from .features import SAMPLE_RATE, log_mel_spectrogram, num_audio_tokens, num_valid_frames, split_windows
 from .tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, Tokenizer
 
@@ -85,7 +86,7 @@ class Qwen2AudioProcessor:
             cfg = json.loads(pre.read_text())
             n_mels = int(cfg.get("feature_size", n_mels))
             if int(cfg.get("sampling_rate", SAMPLE_RATE)) != SAMPLE_RATE:
-                raise ValueError(f"{pre}: sampling_rate must be {SAMPLE_RATE}")
+                raise Qwen2AudioError(f"{pre}: sampling_rate must be {SAMPLE_RATE}")
         side = tokenizer.config.get("padding_side", "left")
         return cls(tokenizer, n_mels=n_mels, padding_side=side)
 
@@ -119,7 +120,7 @@ class Qwen2AudioProcessor:
                  sampling_rate: int | None = None, padding: bool = True, return_tensors: str | None = "pt",
                  truncate: bool = False, device="cpu", **unused) -> BatchInputs:
         if audio is not None and audios is not None:
-            raise ValueError("pass audio through `audio=` or `audios=`, not both")
+            raise Qwen2AudioError("pass audio through `audio=` or `audios=`, not both")
         audio = audios if audio is None else audio
         texts = [text] if isinstance(text, str) else list(text)
         if audio is None:
@@ -131,7 +132,7 @@ class Qwen2AudioProcessor:
 
         n_slots = sum(t.count(AUDIO) for t in texts)
         if n_slots != len(clips):
-            raise ValueError(f"the text has {n_slots} {AUDIO} placeholder(s) but {len(clips)} audio(s) were given")
+            raise AudioTokenMismatch(f"the text has {n_slots} {AUDIO} placeholder(s) but {len(clips)} audio(s) were given")
 
         windows, replacements, _ = decode_and_window(clips, sampling_rate, truncate)
         ids = self.tokenizer.encode_batch(expand_placeholders(texts, replacements))
@@ -146,7 +147,7 @@ class Qwen2AudioProcessor:
     def _pad(self, ids: list[list[int]], padding: bool) -> dict[str, torch.Tensor]:
         longest = max(len(x) for x in ids)
         if not padding and any(len(x) != longest for x in ids):
-            raise ValueError("prompts of different lengths need padding=True")
+            raise Qwen2AudioError("prompts of different lengths need padding=True")
         input_ids = torch.full((len(ids), longest), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.long)
         for row, seq in enumerate(ids):

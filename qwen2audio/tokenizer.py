@@ -13,6 +13,8 @@ from typing import Iterable
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .errors import Qwen2AudioError
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -27,7 +29,17 @@ PRETOKENIZE_REGEX = (
 )
 
 
-class TokenizerError(ValueError):
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character (the vocab's spelling)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class TokenizerError(Qwen2AudioError):
     """A tokenizer directory that cannot be loaded or lacks a token Qwen2-Audio needs."""
 
 
@@ -162,6 +174,29 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one id stands for (a piece of a UTF-8 character, possibly), as OpenAI's logprobs give."""
+        token = self.backend.id_to_token(token_id)
+        if token is None:
+            return b""
+        if token_id in self._special_ids:
+            return token.encode()
+        return bytes(_BYTE_OF_CHAR.get(c, 0) for c in token)  # byte-level BPE: one char per byte
+
+    @property
+    def _special_ids(self) -> set[int]:
+        if getattr(self, "_specials", None) is None:
+            self._specials = set(self.backend.get_added_tokens_decoder())
+        return self._specials
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can cover (its bytes, in the byte-level alphabet), so that a text of
+        n characters has at least n / max_token_chars tokens: a length check that needs no tokenising."""
+        if getattr(self, "_max_chars", None) is None:
+            self._max_chars = max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_chars
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)

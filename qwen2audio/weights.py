@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Qwen2AudioConfig
+from .errors import Qwen2AudioError
 
 LM_HEAD = "language_model.lm_head.weight"
 INDEX_FILE = "model.safetensors.index.json"
@@ -30,7 +31,7 @@ _KEY_RENAMES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Qwen2AudioError):
     """A checkpoint directory that is missing, incomplete or in the wrong format."""
 
 

@@ -104,7 +104,10 @@ def test_a_failing_row_does_not_take_the_batch_down(pipe):
     engine = engine_for(pipe, max_batch=2)
     prompt = prepare_chat(pipe.tokenizer, conv(4))
     good = engine.submit(prompt, SamplingParams(max_new_tokens=10))
-    bad = engine.submit(prompt, SamplingParams(max_new_tokens=10, temperature=1e-45))  # logits / T = inf -> NaN
+    # SamplingParams refuses values that overflow; set one behind its back to reach the engine's own guard
+    broken = SamplingParams(max_new_tokens=10, temperature=1.0)
+    broken.repetition_penalty = 1e-300  # logits / 1e-300 = inf -> NaN probabilities
+    bad = engine.submit(prompt, broken)
     run_until_idle(engine)
     _, last = result(bad)
     assert last.finish_reason == "error" and "sampling failed" in last.error

@@ -1,6 +1,7 @@
 """Bad requests get a 4xx with an OpenAI-shaped error that says what is wrong, and the server keeps
 answering. The server here has small limits so that each one can be hit cheaply."""
 
+import base64
 import threading
 import time
 
@@ -45,7 +46,7 @@ def audio_part(url):
 GOOD_WAV = wav_bytes(sine(1.0))
 
 
-def _cases(outside):
+def _cases(outside, root):
     truncated = GOOD_WAV[:60]
     empty_wav = wav_bytes(np.zeros(0, np.float32))
     long_flac = wav_bytes(np.zeros(25 * 16000, np.float32), "FLAC")  # 25 s, a few kB
@@ -76,7 +77,27 @@ def _cases(outside):
         ("path escape with ..", dict(json=chat_body(audio_part(f"../{outside.parent.name}/{outside.name}"))), 403,
          "outside"),
         ("symlink out of the media dir", dict(json=chat_body(audio_part("link.wav"))), 403, "outside"),
-        ("missing local file", dict(json=chat_body(audio_part("file:///nonexistent/x.wav"))), 400, "not found"),
+        ("missing local file", dict(json=chat_body(audio_part(f"file://{root}/nonexistent.wav"))), 400, "not found"),
+        # outside the directory, existing or not, the answer is the same: no oracle for the server's files
+        ("existing file outside", dict(json=chat_body(audio_part("file:///etc/passwd"))), 403, "outside"),
+        ("missing file outside", dict(json=chat_body(audio_part("file:///etc/nonexistent"))), 403, "outside"),
+        ("missing dir outside", dict(json=chat_body(audio_part("/nonexistent/x.wav"))), 403, "outside"),
+        ("100,000-deep JSON", dict(content=b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                   headers={"content-type": "application/json"}), 400, "too deeply"),
+        ("bare string audio_url", dict(json=chat_body({"type": "audio_url", "audio_url": "data:audio/wav;base64,"
+                                                       + base64.b64encode(GOOD_WAV).decode()})), 400,
+         "must be an object"),
+        ("repetition_penalty 1e-300", dict(json=chat_body(repetition_penalty=1e-300, temperature=1)), 400,
+         "repetition_penalty"),
+        ("repetition_penalty 1e300", dict(json=chat_body(repetition_penalty=1e300)), 400, "repetition_penalty"),
+        ("temperature a 400-digit integer", dict(content=b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                         b'"temperature": 1' + b"0" * 400 + b"}",
+                                                 headers={"content-type": "application/json"}), 400, "temperature"),
+        ("top_p 0", dict(json=chat_body(top_p=0)), 400, "top_p"),
+        ("top_k a float", dict(json=chat_body(top_k=2.5)), 400, "top_k"),
+        ("top_logprobs without logprobs", dict(json=chat_body(top_logprobs=2)), 400, "needs logprobs"),
+        ("top_logprobs 21", dict(json=chat_body(logprobs=True, top_logprobs=21)), 400, "top_logprobs"),
+        ("logprobs not a bool", dict(json=chat_body(logprobs="yes")), 400, "logprobs"),
         ("remote URL without the flag", dict(json=chat_body(audio_part("http://127.0.0.1:9/a.wav"))), 403,
          "--allow-remote-audio"),
         ("unsupported URL scheme", dict(json=chat_body(audio_part("ftp://127.0.0.1/a.wav"))), 400, "scheme"),
@@ -105,7 +126,7 @@ def test_bad_chat_requests_get_clear_4xx_answers(server, media_dir):
     url = f"{server.url}/v1/chat/completions"
     failures = []
     with httpx.Client(timeout=60) as http:
-        for name, kwargs, status, text in _cases(media_dir[1]):
+        for name, kwargs, status, text in _cases(media_dir[1], media_dir[0]):
             try:
                 r = http.post(url, **kwargs)
             except httpx.HTTPError as e:

@@ -14,6 +14,7 @@ import torch
 from ..model.qwen2_audio import Qwen2AudioModel
 from .cuda_graphs import decode_graphs_for
 from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
+from .scheduler import PromptTooLong
 
 
 @dataclass
@@ -33,7 +34,7 @@ def generate_steps(model: Qwen2AudioModel, inputs: dict, params: SamplingParams,
     max_len = T + params.max_new_tokens
     limit = model.config.text_config.max_position_embeddings
     if int(key_mask.sum(-1).max()) + params.max_new_tokens > limit:
-        raise ValueError(
+        raise PromptTooLong(
             f"prompt of {int(key_mask.sum(-1).max())} tokens + max_new_tokens={params.max_new_tokens} "
             f"exceeds the model's {limit} positions"
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..chat import render_chat
+from ..errors import AudioTokenMismatch
 from ..processor import decode_and_window, expand_placeholders
 from ..tokenizer import AUDIO, Tokenizer
 
@@ -41,7 +42,7 @@ def prepare_prompt(tokenizer: Tokenizer, text: str, clips: list, truncate: bool 
     Raises AudioError for undecodable or too-short audio, ValueError for a placeholder mismatch."""
     n_slots = text.count(AUDIO)
     if n_slots != len(clips):
-        raise ValueError(f"the text has {n_slots} {AUDIO} placeholder(s) but {len(clips)} audio(s) were given")
+        raise AudioTokenMismatch(f"the text has {n_slots} {AUDIO} placeholder(s) but {len(clips)} audio(s) were given")
     windows, replacements, seconds = decode_and_window(clips, truncate=truncate)
     ids = tokenizer.encode(expand_placeholders([text], replacements)[0])
     return PromptInputs(ids=ids, windows=windows, keys=[window_key(w) for w in windows], audio_seconds=seconds)

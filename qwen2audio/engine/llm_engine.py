@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..errors import Qwen2AudioError
 from ..features import log_mel_spectrogram
 from ..model.qwen2_audio import Qwen2AudioModel
 from ..tokenizer import Tokenizer
@@ -62,11 +63,11 @@ class LLMEngine:
         if kv_cache_bytes is not None:
             slots = min(slots, int(kv_cache_bytes // per_slot))
             if slots < 1:
-                raise ValueError(f"a KV-cache budget of {kv_cache_bytes / 2**30:.2f} GiB holds no request of "
+                raise Qwen2AudioError(f"a KV-cache budget of {kv_cache_bytes / 2**30:.2f} GiB holds no request of "
                                  f"{self.max_len} tokens ({per_slot / 2**30:.2f} GiB each): raise the budget or "
                                  f"lower the maximum model length")
         if slots < 1:
-            raise ValueError("max_batch must be >= 1")
+            raise Qwen2AudioError("max_batch must be >= 1")
         self.cache = model.new_cache(slots, self.max_len)  # (layers, slots, kv_heads, max_len, head_dim)
         self.kv_cache_bytes = 2 * self.cache.k.numel() * self.cache.k.element_size()
         self.graphs = DecodeGraphs(model, self.cache) if enabled(model) else None  # CUDA: decode steps as graphs
@@ -239,7 +240,9 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | str]:
         """logits (B, V) float32 -> one token per row, each with its request's parameters (an error
-        message instead of a token for a row whose sampling failed)."""
+        message instead of a token for a row whose sampling failed). Rows that asked for log-probabilities
+        get them in `seq.step_logprobs`, from the model's own distribution (before penalty and sampling)."""
+        wanted = {i: logits[i].log_softmax(-1) for i, s in enumerate(seqs) if s.params.logprobs is not None}
         for i, s in enumerate(seqs):
             if s.seen is not None:
                 logits[i] = apply_repetition_penalty(logits[i], s.seen, s.params.repetition_penalty)
@@ -251,12 +254,17 @@ class LLMEngine:
                     tokens[i] = choose_tokens(logits[i : i + 1], s.params, s.generator)[0]
                 except RuntimeError as e:  # e.g. NaN probabilities: only this row fails
                     failed[i] = f"sampling failed: {e}"
-        host = tokens.tolist()  # the one host sync of the step
+        host = tokens.tolist()  # the one host sync of the step (and one more per row that wants logprobs)
         for i, (s, t) in enumerate(zip(seqs, host)):
             if i in failed:
                 host[i] = failed[i]
-            elif s.seen is not None:
+                continue
+            if s.seen is not None:
                 s.seen[t] = True
+            if i in wanted:
+                lp = wanted[i]
+                top = lp.topk(s.params.logprobs) if s.params.logprobs else None
+                s.step_logprobs = (t, float(lp[t]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
         return host
 
     def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> None:
@@ -275,16 +283,17 @@ class LLMEngine:
             seq.output_ids.append(tok)
             seq.last_token = tok
             piece = seq.answer.push(tok)
+            lps = None if seq.params.logprobs is None else [seq.step_logprobs]
             if seq.answer.stopped:
-                self._finish(seq, "stop", piece, [tok])
+                self._finish(seq, "stop", piece, [tok], logprobs=lps)
             elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.pos >= self.max_len:
-                self._finish(seq, "length", piece, [tok])
+                self._finish(seq, "length", piece, [tok], logprobs=lps)
             else:
                 self._emit(seq, Output(seq.request_id, piece, [tok], prompt_tokens=seq.prompt_len,
-                                       completion_tokens=seq.num_sampled))
+                                       completion_tokens=seq.num_sampled, logprobs=lps))
 
     def _finish(self, seq: Sequence, reason: str, piece: str = "", token_ids: list[int] | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, logprobs: list | None = None) -> None:
         if seq.status == FINISHED:
             return
         if reason in ("stop", "length") and seq.answer is not None:
@@ -300,7 +309,8 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         self.counters[f"finished_{reason}"] += 1
         self._emit(seq, Output(seq.request_id, piece, token_ids or [], finished=True, finish_reason=reason,
-                               prompt_tokens=seq.prompt_len, completion_tokens=seq.num_sampled, error=error))
+                               prompt_tokens=seq.prompt_len, completion_tokens=seq.num_sampled, error=error,
+                               logprobs=logprobs))
 
     @staticmethod
     def _emit(seq: Sequence, out: Output) -> None:

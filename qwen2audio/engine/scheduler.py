@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import Qwen2AudioError
 from .inputs import PromptInputs
 from .sampling import SamplingParams
 
@@ -27,7 +28,7 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its limit: the client should retry later (HTTP 429)."""
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(Qwen2AudioError):
     """Prompt + requested tokens do not fit one KV-cache slot (HTTP 400)."""
 
 
@@ -43,6 +44,8 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # with SamplingParams.logprobs: one (token_id, logprob, [(alt_id, alt_logprob), ...]) per id in token_ids
+    logprobs: list | None = None
 
 
 _ids = itertools.count()
@@ -71,6 +74,7 @@ class Sequence:
     answer: object = None  # api._Answer: text with stop strings cut
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # (V,) bool, only with a repetition penalty
+    step_logprobs: tuple | None = None  # the last sampled token's (id, logprob, top alternatives), when asked
     outputs: object = None  # queue.Queue of Outputs when submitted without a sink
 
     @property

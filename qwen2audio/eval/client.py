@@ -14,10 +14,12 @@ import time
 import urllib.error
 import urllib.request
 
+from ..errors import Qwen2AudioError
+
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
-class EndpointError(ValueError):
+class EndpointError(Qwen2AudioError):
     """A server could not be reached, kept refusing, or refused one request.
 
     ``fatal`` is False only for a refusal of this request's content (HTTP 400, 413, 422: e.g. audio

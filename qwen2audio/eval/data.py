@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chat import AUDIO_BLOCK
+from ..errors import Qwen2AudioError
 from ..tokenizer import AUDIO
 
 
-class DataError(ValueError):
+class DataError(Qwen2AudioError):
     """A benchmark file that cannot be read or lacks the fields its format needs."""
 
 

@@ -7,12 +7,13 @@ import re
 import sys
 from pathlib import Path
 
+from ..errors import Qwen2AudioError
 from . import runner
 from .client import ChatClient
 from .tasks import SCORERS, get_task
 
 
-class UsageError(ValueError):
+class UsageError(Qwen2AudioError):
     """Options that do not go together."""
 
 

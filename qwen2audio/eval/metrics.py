@@ -13,6 +13,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from functools import lru_cache
 
+from ..errors import Qwen2AudioError
 from .cn_tn import normalize_chinese
 
 PUNCS = "!,.?;:"  # a space before these is removed before scoring
@@ -21,7 +22,7 @@ CHARACTER_LANGUAGES = ("zh", "yue")  # scored per character (CER)
 EXACT_WHISPER_NORMALIZER = "whisper-normalizer==0.1.1"
 
 
-class MetricError(ValueError):
+class MetricError(Qwen2AudioError):
     """A metric cannot be computed (a missing optional dependency, an unusable language)."""
 
 

@@ -16,13 +16,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..errors import Qwen2AudioError
 from .data import Item
 
 MANIFEST = "run.json"
 RESULTS = "results.jsonl"
 
 
-class RunError(ValueError):
+class RunError(Qwen2AudioError):
     """An output folder that cannot be used for this run."""
 
 

@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import Qwen2AudioError
 from . import choice, data, metrics
 
 
@@ -91,5 +92,5 @@ SCORERS = {"asr": score_asr, "s2tt": score_s2tt, "ser": score_labels, "vsc": sco
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+        raise Qwen2AudioError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     return TASKS[name]

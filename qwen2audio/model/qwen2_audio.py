@@ -9,12 +9,9 @@ import torch
 from torch import nn
 
 from ..config import Qwen2AudioConfig
+from ..errors import AudioTokenMismatch, Qwen2AudioError
 from .encoder import AudioEncoder
 from .qwen2 import KVCache, Qwen2ForCausalLM, RowKVCache
-
-
-class AudioTokenMismatch(ValueError):
-    """The prompt's <|AUDIO|> placeholders and the encoded audio disagree in count."""
 
 
 class MultiModalProjector(nn.Module):
@@ -147,11 +144,11 @@ class Qwen2AudioModel(nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=self.device).expand(input_ids.shape[0], -1)
         limit = self.config.text_config.max_position_embeddings
         if int(position_ids.max()) >= limit:
-            raise ValueError(f"sequence of {int(position_ids.max()) + 1} positions exceeds max_position_embeddings={limit}")
+            raise Qwen2AudioError(f"sequence of {int(position_ids.max()) + 1} positions exceeds max_position_embeddings={limit}")
         audio = None
         if input_features is not None:
             if feature_attention_mask is None:
-                raise ValueError("input_features given without feature_attention_mask")
+                raise Qwen2AudioError("input_features given without feature_attention_mask")
             audio = self.encode_audio(input_features, feature_attention_mask)
         embeds = self.embed(input_ids, audio)
         return ModelOutput(logits=self.decode(embeds, attention_mask.to(self.device), positions=position_ids.to(self.device)))

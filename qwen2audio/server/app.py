@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -26,20 +27,23 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import strip_tags
-from ..chat import asr_prompt, raw_prompt
+from ..audio import MIN_SAMPLES
+from ..chat import ASR_LANGUAGES, asr_prompt, raw_prompt
 from ..engine.inputs import PromptInputs, prepare_chat, prepare_prompt
 from ..engine.llm_engine import LLMEngine
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import PromptTooLong, QueueFull, Sequence
-from ..features import SAMPLE_RATE
+from ..errors import Qwen2AudioError
+from ..features import N_SAMPLES, SAMPLE_RATE
 from .errors import APIError, BodyTooLarge, error_body, error_response
 from .media import MediaPolicy, decode_audio, fetch_source
 from .metrics import ServerMetrics
-from .protocol import ChatRequest, chunk, completion, new_id, parse_chat_request, parse_json, sse, usage
+from .protocol import (ChatRequest, TagStripper, chat_logprobs, chunk, completion, new_id, parse_chat_request,
+                       parse_json, sse, usage, verbose_transcription)
 
 log = logging.getLogger("qwen2audio.server")
 STATIC_DIR = Path(__file__).parent / "static"
-LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?$")
+TAG = re.compile(r"<\|([a-z]{2,3})\|>")
 
 
 @dataclass
@@ -166,18 +170,35 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
             raise APIError(429, f"the server's queue is full ({engine.scheduler.max_queue} waiting requests); "
                                 f"retry later", "queue_full")
 
-    def check_audio_seconds(seconds: float) -> None:
-        if seconds > config.max_audio_seconds:
-            raise APIError(400, f"the request has {seconds:.1f} s of audio; this server accepts at most "
-                                f"{config.max_audio_seconds:g} s per request (--max-audio-seconds)", "audio_too_long")
+    def decode_within_limit(source, param: str, seconds_before: float):
+        """Decode one clip, stopping as soon as the request's audio passes --max-audio-seconds."""
+        try:
+            return decode_audio(source, param, config.max_audio_seconds - seconds_before)
+        except APIError as e:
+            if e.code != "audio_too_long":
+                raise
+            raise APIError(400, f"{param}: the request has more than {config.max_audio_seconds:g} s of audio; this "
+                                f"server accepts at most {config.max_audio_seconds:g} s per request "
+                                f"(--max-audio-seconds)", "audio_too_long", param) from None
+
+    def check_text_fits(req: ChatRequest) -> None:
+        """Refuse text that cannot fit the context before tokenising it: a token covers at most
+        `max_token_chars` characters, so this bound needs only the lengths (a 20 MB message tokenised first
+        held the GIL for half a minute and took 3.6 GB)."""
+        chars = sum(len(m["content"]) if isinstance(m["content"], str) else
+                    sum(len(p["text"]) for p in m["content"] if p.get("type") == "text") for m in req.messages)
+        at_least = chars // tokenizer.max_token_chars
+        if at_least >= engine.max_len:
+            raise APIError(400, f"the messages hold {chars} characters, at least {at_least} tokens; this server's "
+                                f"context limit is {engine.max_len} tokens (prompt + answer)",
+                           "context_length_exceeded", "messages")
 
     def prepare_chat_prompt(req: ChatRequest) -> PromptInputs:
         """Thread pool: fetch and decode every audio part (errors name the part), then tokenize."""
         decoded, seconds = {}, 0.0
         for param, part in req.audio_parts:
-            wav = decode_audio(fetch_source(part, config.media, param), param)
+            wav = decode_within_limit(fetch_source(part, config.media, param), param, seconds)
             seconds += len(wav) / SAMPLE_RATE
-            check_audio_seconds(seconds)
             decoded[id(part)] = wav
         messages = [m if isinstance(m["content"], str) else
                     {**m, "content": [{"type": "audio", "audio": decoded[id(p)]} if id(p) in decoded else p
@@ -202,7 +223,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     async def gather(request: Request, seq: Sequence, bridge: _Bridge):
         """Wait for the whole answer; cancel it if the client goes away meanwhile (returns None)."""
-        pieces, next_check = [], time.monotonic() + 0.5
+        outs, next_check = [], time.monotonic() + 0.5
         try:
             while True:
                 try:
@@ -216,9 +237,9 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
                         return None
                 if out is None:
                     continue
-                pieces.append(out.text)
+                outs.append(out)
                 if out.finished:
-                    return "".join(pieces), out
+                    return "".join(o.text for o in outs), out, outs
         except BaseException:
             engine.cancel(seq)
             raise
@@ -242,23 +263,27 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
             if len(req.audio_parts) > config.max_audios:
                 raise APIError(400, f"the request has {len(req.audio_parts)} audio parts; this server accepts at "
                                     f"most {config.max_audios} (--max-audios)", "too_many_audios", "messages")
+            check_text_fits(req)
             prompt = await run_in_threadpool(prepare_chat_prompt, req)
             seq, bridge = submit(prompt, req.params, req.max_tokens, req.ignore_eos, arrival)
         except APIError as e:
             metrics.record("chat", e.status)
             return error_response(e)
-        except ValueError as e:  # sampling values SamplingParams refuses, placeholder mismatches
+        except Qwen2AudioError as e:  # e.g. <|AUDIO|> placeholders typed into the text; anything else is a bug: 500
             metrics.record("chat", 400)
             return error_response(APIError(400, str(e), "invalid_value"))
         rid = new_id()
         if req.stream:
-            return StreamingResponse(stream_chat(rid, seq, bridge, req.include_usage), media_type="text/event-stream",
+            return StreamingResponse(stream_chat(rid, seq, bridge, req.include_usage, req.params.logprobs),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         result, failure = await answer_or_failure("chat", request, seq, bridge)
         if failure is not None:
             return failure
-        text, last = result
-        return completion(rid, config.model_name, text, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        text, last, outs = result
+        logprobs = chat_logprobs(tokenizer, outs) if req.params.logprobs is not None else None
+        return completion(rid, config.model_name, text, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                          logprobs)
 
     async def answer_or_failure(endpoint: str, request: Request, seq: Sequence, bridge: _Bridge):
         """Wait for a whole answer: ((text, last), None), or (None, response) when the client left or generation failed."""
@@ -272,7 +297,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         metrics.record(endpoint, 200, **timings(seq))
         return result, None
 
-    async def stream_chat(rid: str, seq: Sequence, bridge: _Bridge, include_usage: bool):
+    async def stream_chat(rid: str, seq: Sequence, bridge: _Bridge, include_usage: bool, logprobs: int | None):
         created, model, done = int(time.time()), config.model_name, False
         try:
             yield sse(chunk(rid, created, model, {"role": "assistant", "content": ""}, include_usage=include_usage))
@@ -281,8 +306,9 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
                 while not bridge.queue.empty():  # a slow reader gets several tokens per event
                     outs.append(bridge.queue.get_nowait())
                 text, last = "".join(o.text for o in outs), outs[-1]
-                if text:
-                    yield sse(chunk(rid, created, model, {"content": text}, include_usage=include_usage))
+                lp = chat_logprobs(tokenizer, outs) if logprobs is not None else None
+                if text or (lp and lp["content"]):
+                    yield sse(chunk(rid, created, model, {"content": text}, include_usage=include_usage, logprobs=lp))
                 if last.finished:
                     break
             done = True
@@ -301,52 +327,124 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
                 engine.cancel(seq)
                 metrics.record("chat", 499)
 
+    def transcription_form(form) -> dict:
+        """The checked fields of a transcription request (everything but the audio)."""
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise APIError(400, "send the audio as a multipart/form-data upload in the field 'file'",
+                           "missing_file", "file")
+        check_model(text_field(form, "model"))
+        language = text_field(form, "language")
+        if language is not None and language not in ASR_LANGUAGES:
+            raise APIError(400, f"language {language[:20]!r} is not one this model transcribes; use one of "
+                                f"{', '.join(ASR_LANGUAGES)}, or leave it out to have the language detected",
+                           "invalid_value", "language")
+        fmt = text_field(form, "response_format") or "json"
+        if fmt not in ("json", "text", "verbose_json"):
+            raise APIError(400, f"response_format {fmt!r} is not supported; use json, text or verbose_json (this "
+                                f"model gives no timestamps for srt or vtt)", "unsupported_parameter", "response_format")
+        stream = (text_field(form, "stream") or "false").lower()
+        if stream not in ("true", "false"):
+            raise APIError(400, "stream must be true or false", "invalid_value", "stream")
+        if stream == "true" and fmt == "verbose_json":
+            raise APIError(400, "stream=true gives text events; ask for json or text with it, not verbose_json",
+                           "unsupported_parameter", "response_format")
+        try:
+            temperature = float(text_field(form, "temperature") or 0.0)
+            if not 0 <= temperature <= 2:
+                raise ValueError
+            # verbose_json segments carry avg_logprob: ask the engine for each token's log-probability
+            params = SamplingParams(temperature=temperature, logprobs=0 if fmt == "verbose_json" else None)
+        except ValueError:  # float("x"), nan, inf, out of range
+            raise APIError(400, "temperature must be a number in [0, 2]", "invalid_value", "temperature") from None
+        return {"upload": upload, "language": language, "format": fmt, "stream": stream == "true", "params": params}
+
+    def submit_asr(wav, language, params, arrival) -> tuple[Sequence, _Bridge]:
+        # `prompt` (Whisper's context text) has no counterpart in Qwen2-Audio's ASR prompt: ignored.
+        prompt = prepare_prompt(tokenizer, raw_prompt(asr_prompt(language)), [wav], config.truncate)
+        room = engine.max_len - len(prompt.ids)
+        return submit(prompt, params, max(1, min(config.transcription_max_tokens, room)), False, arrival)
+
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
         arrival = time.perf_counter()
+        submitted = []
         try:
             check_queue()
             form = await request.form(max_files=1, max_fields=16)
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise APIError(400, "send the audio as a multipart/form-data upload in the field 'file'",
-                               "missing_file", "file")
-            check_model(text_field(form, "model"))
-            language = text_field(form, "language")
-            if language is not None and not LANGUAGE.match(language):
-                raise APIError(400, f"language must be a code such as 'en' or 'zh', got {language[:20]!r}",
-                               "invalid_value", "language")
-            fmt = text_field(form, "response_format") or "json"
-            if fmt not in ("json", "text"):
-                raise APIError(400, f"response_format {fmt!r} is not supported; use json or text",
-                               "unsupported_parameter", "response_format")
-            try:
-                temperature = float(text_field(form, "temperature") or 0.0)
-                params = SamplingParams(temperature=temperature)
-            except ValueError:
-                raise APIError(400, "temperature must be a number >= 0", "invalid_value", "temperature") from None
-            data = await upload.read()
+            fields = transcription_form(form)
+            data = await fields["upload"].read()
             if not data:
                 raise APIError(400, "the uploaded file is empty (0 bytes)", "invalid_audio", "file")
-            wav = await run_in_threadpool(decode_audio, data, "file")
-            check_audio_seconds(len(wav) / SAMPLE_RATE)
-            # `prompt` (Whisper's context text) has no counterpart in Qwen2-Audio's ASR prompt: ignored.
-            prompt = await run_in_threadpool(prepare_prompt, tokenizer, raw_prompt(asr_prompt(language)), [wav],
-                                             config.truncate)
-            room = engine.max_len - len(prompt.ids)
-            seq, bridge = submit(prompt, params, max(1, min(config.transcription_max_tokens, room)), False, arrival)
+            wav = await run_in_threadpool(decode_within_limit, data, "file", 0.0)
+            # verbose_json: one request per 30 s window, so that each segment's text is that window's own
+            clips = [wav[i: i + N_SAMPLES] for i in range(0, len(wav), N_SAMPLES)] if fields["format"] == "verbose_json" \
+                else [wav]
+            if len(clips) > 1 and len(clips[-1]) < MIN_SAMPLES:  # too short for an audio token: part of the window before
+                clips[-2:] = [np.concatenate(clips[-2:])]
+            for clip in clips:
+                submitted.append(await run_in_threadpool(submit_asr, clip, fields["language"], fields["params"], arrival))
         except APIError as e:
+            for seq, _ in submitted:
+                engine.cancel(seq)
             metrics.record("transcriptions", e.status)
             return error_response(e)
-        result, failure = await answer_or_failure("transcriptions", request, seq, bridge)
-        if failure is not None:
-            return failure
-        text, last = strip_tags(result[0]), result[1]
-        if fmt == "text":
+        if fields["stream"]:
+            seq, bridge = submitted[0]
+            return StreamingResponse(stream_transcription(seq, bridge), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results = []
+        for i, (seq, bridge) in enumerate(submitted):
+            result, failure = await answer_or_failure("transcriptions", request, seq, bridge)
+            if failure is not None:
+                for other, _ in submitted[i + 1:]:
+                    engine.cancel(other)
+                return failure
+            results.append(result)
+        prompt_tokens = sum(r[1].prompt_tokens for r in results)
+        output_tokens = sum(r[1].completion_tokens for r in results)
+        usage_ = {"type": "tokens", "input_tokens": prompt_tokens, "output_tokens": output_tokens,
+                  "total_tokens": prompt_tokens + output_tokens}
+        if fields["format"] == "verbose_json":
+            spoken = next((m.group(1) for raw, _, _ in results for m in [TAG.search(raw)] if m), None)
+            return verbose_transcription(results, fields["language"] or spoken or "unknown", len(wav) / SAMPLE_RATE,
+                                         N_SAMPLES / SAMPLE_RATE, fields["params"].temperature, usage_)
+        text = strip_tags(results[0][0])
+        if fields["format"] == "text":
             return PlainTextResponse(text)
-        return {"text": text, "usage": {"type": "tokens", "input_tokens": last.prompt_tokens,
-                                        "output_tokens": last.completion_tokens,
-                                        "total_tokens": last.prompt_tokens + last.completion_tokens}}
+        return {"text": text, "usage": usage_}
+
+    async def stream_transcription(seq: Sequence, bridge: _Bridge):
+        """OpenAI's transcription stream: transcript.text.delta events, then transcript.text.done."""
+        stripper, done = TagStripper(), False
+        try:
+            while True:
+                outs = [await bridge.queue.get()]
+                while not bridge.queue.empty():
+                    outs.append(bridge.queue.get_nowait())
+                last = outs[-1]
+                delta = stripper.push("".join(o.text for o in outs))
+                if last.finished:
+                    delta += stripper.finish()
+                if delta:
+                    yield sse({"type": "transcript.text.delta", "delta": delta})
+                if last.finished:
+                    break
+            done = True
+            if last.finish_reason == "error":
+                metrics.record("transcriptions", 500)
+                yield sse(error_body(500, last.error or "generation failed"))
+            else:
+                metrics.record("transcriptions", 200, **timings(seq))
+                yield sse({"type": "transcript.text.done", "text": stripper.text(),
+                           "usage": {"type": "tokens", "input_tokens": last.prompt_tokens,
+                                     "output_tokens": last.completion_tokens,
+                                     "total_tokens": last.prompt_tokens + last.completion_tokens}})
+            yield sse("[DONE]")
+        finally:
+            if not done:
+                engine.cancel(seq)
+                metrics.record("transcriptions", 499)
 
     @app.get("/v1/models")
     async def models():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from ..audio import AudioError, load_audio
+from ..audio import AudioError, AudioTooLong, load_audio
+from ..errors import Qwen2AudioError
 from .errors import APIError
 
 _B64_SPACE = re.compile(rb"\s+")
@@ -34,7 +36,7 @@ class MediaPolicy:
         if self.allowed_local_dir is not None:
             root = Path(self.allowed_local_dir).expanduser().resolve()
             if not root.is_dir():
-                raise ValueError(f"--allowed-local-media-path {self.allowed_local_dir}: not a directory")
+                raise Qwen2AudioError(f"--allowed-local-media-path {self.allowed_local_dir}: not a directory")
             self.allowed_local_dir = root
 
 
@@ -65,8 +67,10 @@ def fetch_source(part: dict, policy: MediaPolicy, param: str):
         return decode_base64(spec.get("data"), f"{param}.input_audio.data")
     if kind == "audio_url":
         spec = part.get("audio_url")
-        url = spec.get("url") if isinstance(spec, dict) else spec
-        return fetch_url(url, policy, f"{param}.audio_url.url")
+        if not isinstance(spec, dict):  # OpenAI's schema: {"url": ...}; a bare string is refused there too
+            raise APIError(400, f"{param}.audio_url must be an object {{\"url\": ...}}, got "
+                                f"{type(spec).__name__}", "invalid_audio", f"{param}.audio_url")
+        return fetch_url(spec.get("url"), policy, f"{param}.audio_url.url")
     raise APIError(400, f"{param}: unsupported content part type {kind!r}", "invalid_content", param)
 
 
@@ -95,14 +99,23 @@ def local_path(path: str, policy: MediaPolicy, param: str) -> str:
     if root is None:
         raise APIError(403, f"{param}: local audio files are disabled on this server (the operator can allow "
                             f"a directory with --allowed-local-media-path)", "local_files_disabled", param)
-    candidate = Path(path)
-    candidate = candidate if candidate.is_absolute() else root / candidate
+    outside = APIError(403, f"{param}: {path} is outside the allowed media directory", "forbidden_path", param)
+    if "\0" in path:
+        raise outside
+    # Decide by the path's text first, touching nothing: a path outside the directory gets the same 403
+    # whether it exists or not (no existence oracle for /etc/...). Only then resolve symlinks, which may still
+    # lead out of the directory, and only then ask whether the file exists.
+    candidate = Path(os.path.normpath(root / path))  # an absolute `path` replaces root
+    if not candidate.is_relative_to(root):
+        raise outside
     try:
-        real = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):
+        real = candidate.resolve(strict=False)
+    except (OSError, RuntimeError):  # a symlink loop
         raise APIError(400, f"{param}: file not found: {path}", "file_not_found", param) from None
     if not real.is_relative_to(root):
-        raise APIError(403, f"{param}: {path} is outside the allowed media directory", "forbidden_path", param)
+        raise outside
+    if not real.exists():
+        raise APIError(400, f"{param}: file not found: {path}", "file_not_found", param)
     if not real.is_file():
         raise APIError(400, f"{param}: {path} is not a regular file", "file_not_found", param)
     if real.stat().st_size > policy.max_audio_bytes:
@@ -141,8 +154,12 @@ def fetch_remote(url: str, policy: MediaPolicy, param: str) -> bytes:
     return b"".join(chunks)
 
 
-def decode_audio(source, param: str) -> np.ndarray:
+def decode_audio(source, param: str, max_seconds: float | None = None) -> np.ndarray:
+    """Bytes or a checked path -> 16 kHz waveform; decoding stops once past `max_seconds` (a few kB of FLAC can
+    hold hours of silence), so memory is bounded by the limit, not by what the file claims to hold."""
     try:
-        return load_audio(source, name="audio")
+        return load_audio(source, name="audio", max_seconds=max_seconds)
+    except AudioTooLong as e:
+        raise APIError(400, f"{param}: {str(e).removeprefix('audio: ')}", "audio_too_long", param) from None
     except AudioError as e:
         raise APIError(400, f"{param}: {str(e).removeprefix('audio: ')}", "invalid_audio", param) from None

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import MAX_LOGPROBS, REPETITION_PENALTY_RANGE, SamplingParams
 from .errors import APIError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 AUDIO_TYPES = ("input_audio", "audio_url")
 MAX_STOP_STRINGS = 8
-GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (greedy)
 # Fields of OpenAI's API this server cannot honour: refused instead of silently ignored.
 UNSUPPORTED = {
     "tools": lambda v: bool(v), "functions": lambda v: bool(v), "tool_choice": lambda v: v not in (None, "none"),
-    "logprobs": lambda v: bool(v), "top_logprobs": lambda v: v not in (None, 0),
     "presence_penalty": lambda v: v not in (None, 0, 0.0), "frequency_penalty": lambda v: v not in (None, 0, 0.0),
     "logit_bias": lambda v: bool(v), "audio": lambda v: v is not None,
     "modalities": lambda v: v not in (None, ["text"]),
@@ -49,6 +49,8 @@ def parse_json(body: bytes) -> dict:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+    except RecursionError:  # e.g. [[[[...]]]] 100,000 deep: the parser recurses once per level
+        raise APIError(400, "the request body nests JSON arrays or objects too deeply", "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
     return data
@@ -59,7 +61,12 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False, lo_
     if value is None:
         return default
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+    if ok and not integer:
+        try:  # an integer of 400 digits is valid JSON but no float
+            ok = math.isfinite(float(value))
+        except OverflowError:
+            ok = False
+    if isinstance(value, bool) or not ok:
         kind = "an integer" if integer else "a number"
         raise APIError(400, f"{name} must be {kind}, got {json.dumps(value)[:40]}", "invalid_value", name)
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
@@ -143,16 +150,25 @@ def parse_chat_request(body: dict) -> ChatRequest:
     if not isinstance(ignore_eos, bool):
         raise APIError(400, "ignore_eos must be true or false", "invalid_value", "ignore_eos")
     top_k = _number(body, "top_k", 0, lo=-1, integer=True)
-    temperature = float(_number(body, "temperature", 1.0, lo=0, hi=2))  # OpenAI's default is 1
+    logprobs = body.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise APIError(400, "logprobs must be true or false", "invalid_value", "logprobs")
+    top_logprobs = _number(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+    if top_logprobs is not None and not logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+    penalty_lo, penalty_hi = REPETITION_PENALTY_RANGE
+    # Every value is range-checked here so the message names the request's field; SamplingParams checks again.
     params = SamplingParams(
         max_new_tokens=max_tokens or 1,  # replaced once the prompt length is known
-        # logits / 1e-40 overflow to inf (NaN probabilities): such temperatures mean greedy anyway
-        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        temperature=float(_number(body, "temperature", 1.0, lo=0, hi=2)),  # OpenAI's default is 1
         top_p=float(_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)),
         top_k=max(0, top_k),  # -1 means off, as in vLLM
-        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, lo=0, lo_open=True)),
+        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, lo=penalty_lo, hi=penalty_hi)),
         seed=_number(body, "seed", None, lo=-(2**63), hi=2**63 - 1, integer=True),  # int64, as torch takes it
         stop=stop,
+        logprobs=(top_logprobs or 0) if logprobs else None,
     )
     return ChatRequest(messages, audio, params, max_tokens, stream, bool(options.get("include_usage")), ignore_eos)
 
@@ -167,17 +183,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+                         "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk(rid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
-          usage_: dict | None = None, include_usage: bool = False) -> dict:
+          usage_: dict | None = None, include_usage: bool = False, logprobs: dict | None = None) -> dict:
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+           "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                  "finish_reason": finish_reason}]}
     if include_usage:
         out["usage"] = usage_
@@ -186,3 +203,73 @@ def chunk(rid: str, created: int, model: str, delta: dict | None, finish_reason:
 
 def sse(data) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _token_logprob(tokenizer, token_id: int, logprob: float) -> dict:
+    raw = tokenizer.token_bytes(token_id)
+    # -inf (a token the distribution rules out) is not JSON: OpenAI's clients expect a number
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0), "bytes": list(raw)}
+
+
+def chat_logprobs(tokenizer, outputs) -> dict:
+    """OpenAI's choice.logprobs for the tokens of some engine Outputs: {"content": [{token, logprob, bytes,
+    top_logprobs: [{token, logprob, bytes}, ...]}, ...], "refusal": None}."""
+    content = []
+    for out in outputs:
+        for token_id, logprob, top in out.logprobs or []:
+            entry = _token_logprob(tokenizer, token_id, logprob)
+            entry["top_logprobs"] = [_token_logprob(tokenizer, t, lp) for t, lp in top]
+            content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+_TAG = re.compile(r"<\|[^|>]*\|>")
+_OPEN_TAG = re.compile(r"<(\|[^|>]*\|?)?$")  # the start of a tag that more text may still close
+
+
+class TagStripper:
+    """Streamed ASR text with `<|en|>`-style tags removed and outer whitespace trimmed, as api.strip_tags does
+    to a whole answer: text is released once no tag can still form around it."""
+
+    def __init__(self):
+        self.raw, self.sent = "", ""
+
+    def text(self) -> str:
+        return _TAG.sub("", self.raw).strip()
+
+    def finish(self) -> str:
+        """What the deltas still lack of the whole text (a held-back partial tag that never closed)."""
+        full = self.text()
+        delta = full[len(self.sent):] if full.startswith(self.sent) else ""
+        self.sent = full
+        return delta
+
+    def push(self, piece: str) -> str:
+        self.raw += piece
+        hold = _OPEN_TAG.search(self.raw)
+        stable = self.raw[: hold.start()] if hold else self.raw
+        shown = _TAG.sub("", stable).strip()  # trailing spaces wait: they are dropped if nothing follows
+        if not shown.startswith(self.sent):
+            return ""
+        delta, self.sent = shown[len(self.sent):], shown
+        return delta
+
+
+def verbose_transcription(results, language: str, duration: float, window: float, temperature: float,
+                          usage_: dict) -> dict:
+    """OpenAI's verbose_json: one segment per 30 s window, each transcribed alone (the model gives no
+    timestamps, so a window's bounds are the honest ones). `results` holds (raw text, last Output, Outputs)."""
+    segments = []
+    for i, (raw, _, outs) in enumerate(results):
+        text = _TAG.sub("", raw).strip()
+        lps = [lp for o in outs for _, lp, _ in o.logprobs or []]
+        data = text.encode()
+        segments.append({
+            "id": i, "seek": round(i * window * 100), "start": i * window, "end": min((i + 1) * window, duration),
+            "text": text, "tokens": [t for o in outs for t in o.token_ids], "temperature": temperature,
+            "avg_logprob": sum(lps) / len(lps) if lps else 0.0,
+            "compression_ratio": len(data) / len(zlib.compress(data)) if data else 0.0,
+            "no_speech_prob": 0.0,  # not estimated: Qwen2-Audio has no no-speech head
+        })
+    return {"task": "transcribe", "language": language, "duration": duration,
+            "text": " ".join(seg["text"] for seg in segments if seg["text"]), "segments": segments, "usage": usage_}
