@@ -19,7 +19,7 @@ over sounds or music. Writes 16 kHz WAV files and JSONL for SFT (ms-swift shape)
 in OUTPUT are kept, so an interrupted build continues where it stopped when run again."""
 
 EPILOG = """\
-sizes (items per kind: speech, chat, asterisk, sound, music, mixture):
+sizes (items per kind: speech, chat, asterisk, sound, music, mixture, open):
   tiny    8, 8, 10, 8, 4, 4               (seconds; for tests)
   small   1500, 1500, 500, 600, 300, 400  (minutes; about 400 MB)
   medium  6000, 4500, all, 1800, 1000, 1200

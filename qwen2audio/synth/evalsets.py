@@ -3,6 +3,7 @@
 From the held-out split only (items.jsonl and heldout.jsonl), next to the corpus's audio folder:
 
     eval_asr_synth.jsonl    asr       TTS speech, one source per language (synth_en, synth_fr, ...)
+    eval_asr_open.jsonl     asr       TTS speech of open-vocabulary (fortune) sentences (open_en, open_de, ...)
     eval_asr_real.jsonl     asr       Asterisk human recordings (asterisk_en, ...)
     eval_sound.jsonl        vsc       generated sound events: the label
     eval_instrument.jsonl   vsc       fluidsynth music: the instrument
@@ -32,7 +33,7 @@ from . import plan, questions, render, tts
 from .records import PROMPTS
 from .split import key_hash
 
-EVAL_SETS = {"asr_synth": "asr", "asr_real": "asr", "sound": "vsc", "instrument": "vsc", "voice_chat": "audio-qa",
+EVAL_SETS = {"asr_synth": "asr", "asr_real": "asr", "asr_open": "asr", "sound": "vsc", "instrument": "vsc", "voice_chat": "audio-qa",
              "voice_chat_known": "audio-qa", "analysis": "audio-qa"}  # name -> `qwen2audio eval --task`
 KNOWN_QUESTIONS = 100
 
@@ -46,13 +47,14 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _from_items(items: list[dict]) -> dict[str, list[dict]]:
-    sets: dict[str, list[dict]] = {"asr_synth": [], "asr_real": [], "sound": [], "instrument": []}
+    sets: dict[str, list[dict]] = {"asr_synth": [], "asr_real": [], "asr_open": [], "sound": [], "instrument": []}
     for it in items:
         if it["split"] != "heldout":
             continue
         kind = it["kind"]
-        if kind in ("speech", "asterisk"):
-            name, source = ("asr_synth", "synth") if kind == "speech" else ("asr_real", "asterisk")
+        if kind in ("speech", "asterisk", "open"):
+            name, source = {"speech": ("asr_synth", "synth"), "asterisk": ("asr_real", "asterisk"),
+                            "open": ("asr_open", "open")}[kind]
             sets[name].append({"audio": it["audio"], "prompt": AUDIO_BLOCK + asr_prompt(it["language"]),
                                "source": f"{source}_{it['language']}", "gt": it["text"]})
         elif kind == "sound":

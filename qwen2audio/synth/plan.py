@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import asterisk, music, questions, sentences, sounds, tts
+from . import asterisk, music, opentext, questions, sentences, sounds, tts
 from .errors import SynthError
 from .split import key_hash, split_of
 
-KINDS = ("speech", "chat", "asterisk", "sound", "music", "mixture")
+KINDS = ("speech", "chat", "asterisk", "sound", "music", "mixture", "open")
 TTS_SOURCES = ("espeak", "flite", "festival")
 SOURCES = (*TTS_SOURCES, "asterisk", "sounds", "music")
 ALL = -1  # asterisk count meaning "every usable clip"
 SIZES = {
-    "tiny": {"speech": 8, "chat": 8, "asterisk": 10, "sound": 8, "music": 4, "mixture": 4},
-    "small": {"speech": 1500, "chat": 1500, "asterisk": 500, "sound": 600, "music": 300, "mixture": 400},
-    "medium": {"speech": 6000, "chat": 4500, "asterisk": ALL, "sound": 1800, "music": 1000, "mixture": 1200},
-    "full": {"speech": 8000, "chat": 8000, "asterisk": ALL, "sound": 3000, "music": 1500, "mixture": 2000},
+    "tiny": {"speech": 8, "chat": 8, "asterisk": 10, "sound": 8, "music": 4, "mixture": 4, "open": 8},
+    "small": {"speech": 1500, "chat": 1500, "asterisk": 500, "sound": 600, "music": 300, "mixture": 400, "open": 1500},
+    "medium": {"speech": 6000, "chat": 4500, "asterisk": ALL, "sound": 1800, "music": 1000, "mixture": 1200, "open": 6000},
+    "full": {"speech": 8000, "chat": 8000, "asterisk": ALL, "sound": 3000, "music": 1500, "mixture": 2000, "open": 20000},
 }
 HELDOUT_EVERY = 10  # synthetic items 0, 10, 20, ... of a kind are held out (their content from the held-out side)
 # Synthetic speech languages: English most of the time, the others share the rest.
 LANGUAGE_WEIGHTS = {"en": 0.55, "de": 0.075, "es": 0.075, "fr": 0.075, "it": 0.075, "ru": 0.075, "zh": 0.075}
+# Open-vocabulary speech (fortune sentences): the languages Debian has fortunes in.
+OPEN_LANGUAGE_WEIGHTS = {"en": 0.6, "de": 0.1, "es": 0.1, "it": 0.1, "ru": 0.1}
 # Backgrounds for mixtures: sounds that still make sense when stretched to any length.
 MIX_SOUNDS = ("rain", "wind", "ocean waves", "white noise", "pink noise", "brown noise", "engine", "siren",
               "dial tone", "alarm")
@@ -37,7 +39,8 @@ def kind_sources(kind: str, sources: set[str]) -> bool:
     """Whether `kind` can be built from the selected sources."""
     speaks = bool(sources & set(TTS_SOURCES))
     return {"speech": speaks, "chat": speaks, "asterisk": "asterisk" in sources, "sound": "sounds" in sources,
-            "music": "music" in sources, "mixture": speaks and bool(sources & {"sounds", "music"})}[kind]
+            "music": "music" in sources, "mixture": speaks and bool(sources & {"sounds", "music"}),
+            "open": speaks}[kind]
 
 
 def parse_size(text: str, sources: set[str]) -> dict[str, int]:
@@ -100,6 +103,20 @@ def _speech_items(count, seed, engines):
         language = languages[int(rng.choice(len(languages), p=weights / weights.sum()))]
         text = sentences.sentence(rng, language, heldout)
         item = _item("speech", i, seed, split_of(text))
+        item.update(language=language, text=text, voice=tts.choose_voice(rng, language, engines),
+                    aug=_augmentation(rng), gain_db=round(float(rng.uniform(-12, -1)), 1))
+        yield item
+
+
+def _open_items(count, seed, engines):
+    """Speech of open-vocabulary sentences (`opentext`): the words of real prose, not of templates."""
+    rng = _rng(seed, "open")
+    languages = [lang for lang in OPEN_LANGUAGE_WEIGHTS if any(lang in tts.engine_languages(e) for e in engines)]
+    weights = np.array([OPEN_LANGUAGE_WEIGHTS[lang] for lang in languages])
+    for i in range(count):
+        language = languages[int(rng.choice(len(languages), p=weights / weights.sum()))]
+        text = opentext.sentence(rng, language, heldout=i % HELDOUT_EVERY == 0)
+        item = _item("open", i, seed, split_of(text))
         item.update(language=language, text=text, voice=tts.choose_voice(rng, language, engines),
                     aug=_augmentation(rng), gain_db=round(float(rng.uniform(-12, -1)), 1))
         yield item
@@ -184,7 +201,8 @@ def make_plan(counts: dict[str, int], seed: int, sources: set[str]) -> list[dict
     plan = []
     makers = {"speech": lambda n: _speech_items(n, seed, engines), "chat": lambda n: _chat_items(n, seed, engines),
               "asterisk": lambda n: _asterisk_items(n, seed), "sound": lambda n: _sound_items(n, seed),
-              "music": lambda n: _music_items(n, seed), "mixture": lambda n: _mixture_items(n, seed, engines, sources)}
+              "music": lambda n: _music_items(n, seed), "mixture": lambda n: _mixture_items(n, seed, engines, sources),
+              "open": lambda n: _open_items(n, seed, engines)}
     for kind in KINDS:
         if counts.get(kind):
             plan.extend(makers[kind](counts[kind]))

@@ -150,7 +150,7 @@ def background_phrase(spec: dict) -> str:
 def sft_records(spec: dict) -> list[dict]:
     rng = np.random.default_rng(spec["seed"] + 1)  # not the render stream: records never move audio
     audio, kind = spec["audio"], spec["kind"]
-    if kind in ("speech", "asterisk"):
+    if kind in ("speech", "asterisk", "open"):
         return [_speech_sft(spec, rng, audio)]
     if kind == "chat":
         return [_conversation(audio, ("", spec["question"]["answer"]))]
@@ -174,7 +174,7 @@ def pretrain_records(spec: dict) -> list[tuple[str, dict]]:
     """(task name for the manifest, task record) pairs of one item."""
     rng = np.random.default_rng(spec["seed"] + 2)
     audio, kind = spec["audio"], spec["kind"]
-    if kind in ("speech", "asterisk", "chat"):
+    if kind in ("speech", "asterisk", "chat", "open"):
         text = spec["text"] if kind != "chat" else spec["question"]["question"]
         out = [("asr", {"task": "asr", "audio": audio, "label": text, "language": spec["language"]})]
         if kind != "chat" and rng.random() < 0.3:  # ASR targets already start with the language tag

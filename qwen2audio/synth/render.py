@@ -46,7 +46,7 @@ def render(spec: dict, soundfont: str | None = None) -> np.ndarray:
     """The item's final audio: float32 at 16 kHz with its peak at spec['gain_db'] dBFS."""
     kind = spec["kind"]
     rng = np.random.default_rng(spec["seed"])
-    if kind == "speech":
+    if kind in ("speech", "open"):
         wav = tts.speak(spec["text"], spec["voice"])
     elif kind == "chat":
         wav = tts.speak(spec["question"]["question"], spec["voice"])
