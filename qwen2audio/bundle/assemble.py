@@ -72,19 +72,21 @@ def projector_init(in_features: int, out_features: int, seed: int = 0) -> dict[s
     return {f"{PROJECTOR}.weight": layer.weight.detach(), f"{PROJECTOR}.bias": layer.bias.detach()}
 
 
-def build_state(trained: Path | None, quiet: bool = True):
-    """(config, tokenizer backend, float16 state dict in the released key layout)."""
+def build_state(trained: Path | None, encoder_bin: Path | None = None, llm_gguf: Path | None = None,
+                quiet: bool = True):
+    """(config, tokenizer backend, float16 state dict in the released key layout). The parts come from
+    their pinned packages unless files are given (tests build tiny ones)."""
     from ..convert.gguf_qwen2 import read_gguf_qwen2
-    from ..convert.whisper_ct2 import read_ct2, whisper_encoder_state_dict
+    from ..convert.whisper_ct2 import load_whisper_encoder
 
-    encoder_paths = ENCODER.check()
-    LLM.check()
+    if encoder_bin is None or llm_gguf is None:
+        for part in PARTS:  # fail on a missing or damaged part before spending minutes on the other one
+            part.check()
     with tempfile.TemporaryDirectory(dir=home()) as tmp:
         _log("reading the Whisper base encoder", quiet)
-        audio_cfg, audio_state = whisper_encoder_state_dict(read_ct2(ENCODER.join(Path(tmp) / "whisper.bin")), DTYPE)
+        audio_cfg, audio_state = load_whisper_encoder(encoder_bin or ENCODER.join(Path(tmp) / "whisper.bin"), DTYPE)
         _log("dequantising the Qwen2.5 GGUF (about half a minute)", quiet)
-        text_cfg, llm_state, tokenizer = read_gguf_qwen2(LLM.join(Path(tmp) / "llm.gguf"), DTYPE)
-    del encoder_paths
+        text_cfg, llm_state, tokenizer = read_gguf_qwen2(llm_gguf or LLM.join(Path(tmp) / "llm.gguf"), DTYPE)
     im_end, endoftext = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
     text_cfg.eos_token_id, text_cfg.pad_token_id, text_cfg.bos_token_id = [im_end, endoftext], endoftext, None
     cfg = Qwen2AudioConfig(audio_config=audio_cfg, text_config=text_cfg,
@@ -104,19 +106,19 @@ def build_state(trained: Path | None, quiet: bool = True):
 
 
 def assemble(directory: str | Path | None = None, trained: Path | None = TRAINED_FILE, quiet: bool = False,
-             force: bool = False) -> Path:
+             force: bool = False, encoder_bin: Path | None = None, llm_gguf: Path | None = None) -> Path:
     """Assemble the default model into `directory` (default: default_model_dir()) unless it is current."""
     from ..processor import Qwen2AudioProcessor
     from ..tokenizer import Tokenizer
 
     directory = Path(directory) if directory else default_model_dir()
     trained = trained if trained is not None and Path(trained).is_file() else None
-    if not force and is_current(directory, trained):
+    if not force and encoder_bin is None and llm_gguf is None and is_current(directory, trained):
         return directory
     started = time.time()
     directory.parent.mkdir(parents=True, exist_ok=True)
     home().mkdir(parents=True, exist_ok=True)
-    cfg, backend, state = build_state(trained, quiet)
+    cfg, backend, state = build_state(trained, encoder_bin, llm_gguf, quiet)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the model is for every user of the machine
     try:

@@ -66,8 +66,8 @@ class Part:
         return paths
 
     def join(self, target: Path) -> Path:
-        """The checked parts joined into `target` (written through a temporary file)."""
-        paths = self.check()
+        """The installed parts joined into `target` (written through a temporary file; check() them first)."""
+        paths = self.paths()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         with tmp.open("wb") as out:

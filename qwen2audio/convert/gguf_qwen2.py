@@ -32,10 +32,11 @@ _TYPE_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K
               "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5}
 # llama.cpp token types (gguf.TokenType): 1 normal, 3 control, 4 user-defined, 5 unused (padding rows).
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
-# Qwen2.5 spends ids 151646-151648 on vision/grounding markers that a text model never emits; Qwen2-Audio
-# puts its audio tokens at exactly these ids, so they are renamed (their embedding rows are only read as
-# the bos/eos around a clip, and the <|AUDIO|> rows are replaced by audio embeddings).
-QWEN2_AUDIO_RENAMES = {151646: "<|AUDIO|>", 151647: "<|audio_bos|>", 151648: "<|audio_eos|>"}
+# Qwen2.5 spends ids 151646-151648 on grounding markers that a text model never emits; Qwen2-Audio puts
+# its audio tokens at exactly these ids, so they are renamed (their embedding rows are only read as the
+# bos/eos around a clip, and the <|AUDIO|> rows are replaced by audio embeddings).
+QWEN2_AUDIO_RENAMES = {"<|object_ref_start|>": "<|AUDIO|>", "<|object_ref_end|>": "<|audio_bos|>",
+                       "<|box_start|>": "<|audio_eos|>"}
 
 
 class GGUFError(Qwen2AudioError):
@@ -119,7 +120,8 @@ def language_model_state_dict(reader, dtype: torch.dtype = torch.float32, progre
 
 def tokenizer(reader):
     """The file's byte-level BPE vocabulary and merges as a `tokenizers.Tokenizer` with Qwen2's
-    pre-tokenizer, the control tokens as special tokens and Qwen2-Audio's audio tokens at 151646-151648."""
+    pre-tokenizer, the control tokens as special tokens and Qwen2-Audio's audio tokens in place of
+    Qwen2.5's grounding markers (ids 151646-151648 in the real vocabulary)."""
     from tokenizers import AddedToken, models
 
     from ..tokenizer import _qwen2_pipeline
@@ -130,7 +132,7 @@ def tokenizer(reader):
     types = _field(reader, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind == _NORMAL}
-    specials = {i: QWEN2_AUDIO_RENAMES.get(i, tok) for i, (tok, kind) in enumerate(zip(tokens, types))
+    specials = {i: QWEN2_AUDIO_RENAMES.get(tok, tok) for i, (tok, kind) in enumerate(zip(tokens, types))
                 if kind in (_CONTROL, _USER_DEFINED)}
     vocab.update({tok: i for i, tok in specials.items()})  # pins the specials' ids
     backend = _qwen2_pipeline(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False,
