@@ -287,3 +287,11 @@ def test_chat_scores_average_orders_and_mixed_sub_buckets():
 def test_paper_rows(task, source, label):
     ref = paper_reference(task, source)
     assert (ref[0] if ref else None) == label
+
+
+def test_key_accuracy_matches_whole_words_of_any_key():
+    from qwen2audio.eval.metrics import key_accuracy
+
+    m = key_accuracy([["16", "sixteen"], ["pacific"], ["twenty four", "24"], "paris"],
+                     ["Seven plus nine is sixteen.", "The Atlantic.", "There are twenty-four hours.", "Parisian food"])
+    assert (m["correct"], m["total"]) == (2, 4)

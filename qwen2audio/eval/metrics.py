@@ -137,6 +137,20 @@ def corpus_bleu(hyps: list[str], refs: list[str], tokenize: str) -> float:
 
 
 # ---- SER / VSC ---------------------------------------------------------------------------------
+def _words(text: str) -> str:
+    return " " + " ".join(re.sub(r"[^\w\s]", " ", text.casefold().replace("-", " ")).split()) + " "
+
+
+def key_accuracy(keys: list[str | list[str]], hyps: list[str]) -> dict:
+    """A free-form answer is right when it contains one of its keys as whole words (case, punctuation and
+    hyphens ignored): "Seven plus nine is sixteen." and "16" both answer a question keyed ["16", "sixteen"]."""
+    correct = 0
+    for key, hyp in zip(keys, hyps):
+        options = [key] if isinstance(key, str) else list(key)
+        correct += any(_words(k) in _words(hyp) for k in options)
+    return {"correct": correct, "total": len(keys), "accuracy": correct / len(keys) if keys else None}
+
+
 def label_accuracy(refs: list[str], hyps: list[str]) -> dict:
     """Exact match after removing leading whitespace from the answer; confusion counts per reference label.
 

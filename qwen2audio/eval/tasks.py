@@ -54,10 +54,12 @@ def score_labels(records: list[dict], **_) -> dict:
 
 
 def score_qa(records: list[dict], **_) -> dict:
-    """Exact-answer accuracy per source (label_accuracy without its confusion table: answers are free text)."""
+    """Accuracy per source: exact answers (label_accuracy without its confusion table: answers are free text),
+    or, for items marked `"match": "key"`, answers that contain one of the item's key words."""
     out = {}
     for source, rs in _by_source(records).items():
-        m = metrics.label_accuracy([r["gt"] for r in rs], [r["response"] for r in rs])
+        score = metrics.key_accuracy if any(r.get("match") == "key" for r in rs) else metrics.label_accuracy
+        m = score([r["gt"] for r in rs], [r["response"] for r in rs])
         out[source] = {"n": len(rs), **{k: v for k, v in m.items() if k != "confusion"}}
     return {"sources": out}
 
@@ -77,7 +79,8 @@ TASKS = {
     "ser": Task("ser", data.read_qwen_jsonl, "raw", "accuracy", "speech emotion recognition (Meld)"),
     "vsc": Task("vsc", data.read_qwen_jsonl, "raw", "accuracy", "vocal sound classification (VocalSound)"),
     "audio-qa": Task("audio-qa", data.read_qa_jsonl, "chat", "accuracy",
-                     "questions about audio or voice chat (empty question): {audio, question, gt, source}, exact answer"),
+                     "questions about audio or voice chat (empty question): {audio, question, gt, source}, exact answer "
+                     "(or key words: \"match\": \"key\", gt a list of keys)"),
     "airbench-foundation": Task("airbench-foundation", lambda p, r: data.read_airbench(p, "Foundation", r), "chat",
                                 "accuracy", "AIR-Bench foundation: single-choice questions"),
     "airbench-chat": Task("airbench-chat", lambda p, r: data.read_airbench(p, "Chat", r), "chat", "judge score",
