@@ -94,9 +94,10 @@ class Qwen2AudioModel(nn.Module):
         return embeds.masked_scatter(is_audio[..., None], flat.to(embeds.dtype))
 
     def decode(self, embeds, key_mask, cache: KVCache | None = None, offset: int = 0, positions=None,
-               last_only: bool = False, at: torch.Tensor | None = None) -> torch.Tensor:
+               last_only: bool = False, at: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Run the LLM over embeds (B, T, D) given key_mask (B, >=offset+T); returns logits (B, T, V), or
-        (B, 1, V) for the last position (`last_only`) or for position `at[b]` of each row (right padding)."""
+        (B, 1, V) for the last position (`last_only`) or for position `at[b]` of each row (right padding),
+        or (N, V) for the N positions where `keep` (B, T) is True."""
         T = embeds.shape[1]
         if positions is None:
             positions = positions_from_mask(key_mask[:, : offset + T])[:, offset:]
@@ -106,6 +107,8 @@ class Qwen2AudioModel(nn.Module):
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), at.to(hidden.device)][:, None]
         elif last_only:
             hidden = hidden[:, -1:]
+        elif keep is not None:
+            hidden = hidden[keep]
         return self.language_model.lm_head(hidden)
 
     def decode_rows(self, tokens, positions, mask, cache: KVCache, span: int, where=None) -> torch.Tensor:
@@ -135,9 +138,11 @@ class Qwen2AudioModel(nn.Module):
 
     # ---- the Hugging Face-compatible forward ----------------------------------------------------
     def forward(self, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None,
-                position_ids=None, **unused) -> ModelOutput:
+                position_ids=None, logits_mask=None, **unused) -> ModelOutput:
         """Logits for every position. Like the reference, positions default to 0..T-1 on every row
-        (pass `position_ids` for left-padded batches; the engine always does)."""
+        (pass `position_ids` for left-padded batches; the engine always does). `logits_mask` (B, T) bool
+        keeps only the positions marked True, as (N, vocab) in row-major order: training needs logits only
+        where a target is predicted, and the vocabulary-wide lm_head is the largest matmul of a short step."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -151,7 +156,9 @@ class Qwen2AudioModel(nn.Module):
                 raise Qwen2AudioError("input_features given without feature_attention_mask")
             audio = self.encode_audio(input_features, feature_attention_mask)
         embeds = self.embed(input_ids, audio)
-        return ModelOutput(logits=self.decode(embeds, attention_mask.to(self.device), positions=position_ids.to(self.device)))
+        keep = None if logits_mask is None else logits_mask.to(self.device)
+        return ModelOutput(logits=self.decode(embeds, attention_mask.to(self.device), positions=position_ids.to(self.device),
+                                              keep=keep))
 
     # ---- checkpoints ----------------------------------------------------------------------------
     @classmethod
