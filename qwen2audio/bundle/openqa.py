@@ -138,3 +138,25 @@ def write_eval_set(out_dir: str | Path, seed: int = 0, engines=("espeak", "flite
     path = out_dir / "eval_open_qa.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def typed_baseline(model_dir: str | Path, eval_jsonl: str | Path, transcripts: dict[str, str] | None = None,
+                   batch_size: int = 16, max_new_tokens: int = 64) -> dict:
+    """Key accuracy per source when the questions are typed instead of spoken: the LLM's own ceiling.
+    With `transcripts` (text -> what an ASR system heard) it is the cascade ASR -> the same LLM instead."""
+    from ..api import load
+    from ..eval.metrics import key_accuracy
+
+    rows = [json.loads(line) for line in Path(eval_jsonl).read_text(encoding="utf-8").splitlines() if line.strip()]
+    pipe = load(model_dir, progress=False)
+    answers = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        texts = [(transcripts or {}).get(r["text"], r["text"]) for r in chunk]
+        answers += pipe.chat_batch([[{"role": "user", "content": t}] for t in texts], max_new_tokens=max_new_tokens)
+    out = {}
+    for source in sorted({r["source"] for r in rows}):
+        pairs = [(r["gt"], a) for r, a in zip(rows, answers) if r["source"] == source]
+        out[source] = key_accuracy([g for g, _ in pairs], [a for _, a in pairs])
+    out["all"] = key_accuracy([r["gt"] for r in rows], answers)
+    return out
