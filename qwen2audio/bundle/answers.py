@@ -13,7 +13,7 @@ import re
 import time
 from pathlib import Path
 
-MAX_NEW_TOKENS = 96
+MAX_NEW_TOKENS = 64
 
 
 def _trim(answer: str, hit_limit: bool) -> str | None:
@@ -39,7 +39,7 @@ def read_answers(path: str | Path) -> dict[str, str | None]:
     return out
 
 
-def answer_texts(model_dir: str | Path, texts: list[str], cache: str | Path, batch_size: int = 16,
+def answer_texts(model_dir: str | Path, texts: list[str], cache: str | Path, batch_size: int = 32,
                  max_new_tokens: int = MAX_NEW_TOKENS, log=print) -> dict[str, str | None]:
     """text -> the model's greedy chat answer (None where it gave no usable answer), for every text."""
     from ..api import load

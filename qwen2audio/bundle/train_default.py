@@ -5,7 +5,11 @@
     3. leg 1       alignment: the corpus's pre-training task records (ASR of questions and of the real
                    Asterisk recordings in five languages, language ids, sound and instrument labels,
                    captions), projector only, LLM and encoder frozen
-    4. export      the trained projector -> qwen2audio/assets/default_model/trained.safetensors
+    4. answers     the frozen LLM's own answers to the training questions and sentences, typed (`answers.py`)
+    5. leg 2       the whole mixture (`mixture.py`): every task record (now with the open-vocabulary
+                   sentences in five languages), the analysis conversations and behaviour-aligned voice
+                   chat; it starts from leg 1's projector
+    6. export      the trained projector -> qwen2audio/assets/default_model/trained.safetensors
 
 A run stops whenever the machine goes (a session ends): every `save_every` steps its checkpoint (the
 projector, AdamW moments, RNG and data position: a few MB) is what `save-state` copies into the repository
@@ -34,7 +38,12 @@ LEGS = {
     "leg1": ("chat=3000,asterisk=all,sound=1200,music=366",
              ["--freeze", "llm", "--set", "precision=fp32", "--lr", "1e-3", "--batch-size", "8", "--max-steps", "1200",
               "--max-length", "320", "--set", "warmup_steps=50", "--set", "audio_cache_gb=3"]),
+    "leg2": (CORPUS_SIZE,
+             ["--freeze", "llm", "--set", "precision=fp32", "--lr", "5e-4", "--batch-size", "8", "--max-steps", "3000",
+              "--max-length", "320", "--set", "warmup_steps=20", "--set", "audio_cache_gb=3"]),
 }
+PREVIOUS = {"leg2": "leg1"}  # a leg starts from the projector its previous leg trained
+OPEN_SHARE = 0.5  # of the English open-vocabulary sentences also trained as voice chat
 SAVE_EVERY = 25
 
 
@@ -62,12 +71,23 @@ def task_records(size: str, seed: int = SEED) -> list[dict]:
 
 
 def leg_data(work: Path, leg: str) -> Path:
+    """The leg's JSONL in the corpus folder (its audio paths are relative to it), written once."""
     path = work / "corpus1" / f"{leg}.jsonl"
-    if not path.exists():
-        rows = task_records(LEGS[leg][0])
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
+    if path.exists():
+        return path
+    if leg == "leg2":
+        from .answers import answer_texts
+        from .mixture import build_mixture, voice_chat_texts
+
+        texts = voice_chat_texts(work / "corpus1", OPEN_SHARE, SEED)
+        answers = answer_texts(work / "init-model", texts, work / "answers.jsonl", log=_log)
+        out, counts = build_mixture(work / "corpus1", answers, leg, OPEN_SHARE, SEED)
+        _log(f"{leg} data: {counts}")
+        return out
+    rows = task_records(LEGS[leg][0])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
     return path
 
 
@@ -120,11 +140,24 @@ def export(work: Path, leg: str, dest: Path) -> Path:
     return dest
 
 
+def start_model(work: Path, leg: str) -> Path:
+    """The model a leg trains: the untrained assembly, or the assembly with the previous leg's projector."""
+    from .assemble import assemble
+
+    if leg not in PREVIOUS:
+        return assemble(work / "init-model", trained=None)
+    previous = work / f"{PREVIOUS[leg]}.safetensors"
+    if not previous.exists():
+        export(work, PREVIOUS[leg], previous)
+    return assemble(work / f"{leg}-start", trained=previous)
+
+
 def train_leg(work: Path, leg: str, python: str) -> None:
+    model = start_model(work, leg)
     data = leg_data(work, leg)
     restore_state(work, leg)
     output = work / "runs" / leg
-    cmd = [python, "-m", "qwen2audio", "train", "--stage", "sft", "--model", str(work / "init-model"),
+    cmd = [python, "-m", "qwen2audio", "train", "--stage", "sft", "--model", str(model),
            "--data", str(data), "--output", str(output), *LEGS[leg][1], "--save-every", str(SAVE_EVERY),
            "--keep-last", "2", "--no-progress"]
     if latest_checkpoint(output) is not None:
