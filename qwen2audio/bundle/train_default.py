@@ -36,7 +36,7 @@ CORPUS_SIZE = "open=6000,chat=3000,asterisk=all,sound=1200,music=800"
 LEGS = {
     # name: (items of the corpus whose task records it trains on, train flags)
     "leg1": ("chat=3000,asterisk=all,sound=1200,music=366",
-             ["--freeze", "llm", "--set", "precision=fp32", "--lr", "1e-3", "--batch-size", "8", "--max-steps", "1200",
+             ["--freeze", "llm", "--set", "precision=fp32", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2400",
               "--max-length", "320", "--set", "warmup_steps=50", "--set", "audio_cache_gb=3"]),
     "leg2": (CORPUS_SIZE,
              ["--freeze", "llm", "--set", "precision=fp32", "--lr", "5e-4", "--batch-size", "8", "--max-steps", "3000",
