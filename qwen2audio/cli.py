@@ -12,6 +12,8 @@ import sys
 import textwrap
 import time
 
+from .errors import Qwen2AudioError
+
 PROG = "qwen2audio"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -27,7 +29,7 @@ any other line is your message; an empty line sends the attached audio alone (vo
 chat), or is ignored when no audio is attached"""
 
 
-class UserError(Exception):
+class UserError(Qwen2AudioError):
     """An error caused by the command's input, reported without a traceback."""
 
 
@@ -48,20 +50,31 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every subcommand: model loading, then sampling."""
-    model = parser.add_argument_group("model")
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def add_model_options(parser: argparse.ArgumentParser, title: str = "model", note: str = ""):
+    """--model, --device and --dtype, as every command takes them (one definition for ask, chat,
+    transcribe, serve and eval). Returns the group, for a command's own model options."""
+    model = parser.add_argument_group(title)
     model.add_argument("--model", metavar="DIR", default=None,
-                       help="checkpoint directory in the Hugging Face layout (config.json, safetensors weights, "
-                            "tokenizer files); default: the model bundled with the package")
+                       help=f"checkpoint directory in the Hugging Face layout (config.json, safetensors weights, "
+                            f"tokenizer files){note}; default: the model bundled with the package")
     model.add_argument("--device", default="auto", metavar="DEVICE",
                        help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
-    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    model.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="weight and compute dtype; auto is float32 on cpu and the checkpoint's stored dtype "
                             "on cuda (default: auto)")
-    model.add_argument("--truncate", action="store_true",
+    return model
+
+
+def add_truncate_option(group) -> None:
+    group.add_argument("--truncate", action="store_true",
                        help="keep only the first 30 s of every audio, like the reference implementation "
                             "(default: longer audio is split into consecutive 30 s windows, all given to the model)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                           help="stop after N generated tokens (default: 256)")
@@ -81,6 +94,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                                "--temperature > 0)")
     sampling.add_argument("--stop", action="append", default=None, metavar="TEXT",
                           help="end the answer where TEXT appears; TEXT itself is not printed (repeatable)")
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ask, chat and transcribe: model loading, then sampling."""
+    add_truncate_option(add_model_options(parser))
+    add_sampling_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Subcommands that live next to their feature (serve, train, eval, synth). Each such module defines
+# Subcommands that live next to their feature (serve, train, eval, synth, assemble). Each such module defines
 # `register(subparsers) -> {name: handler(args) -> int}`, importing heavy dependencies only inside
 # the handlers, so that `--help` stays fast. Errors they raise follow the same rules as below.
-FEATURE_MODULES = ("qwen2audio.server.cli", "qwen2audio.train.cli", "qwen2audio.eval.cli", "qwen2audio.synth.cli")
+FEATURE_MODULES = ("qwen2audio.server.cli", "qwen2audio.train.cli", "qwen2audio.eval.cli", "qwen2audio.synth.cli",
+                   "qwen2audio.bundle.cli")
 
 
 def feature_modules():
@@ -170,29 +190,44 @@ def _report(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
-def _sampling(args):
-    from .engine import SamplingParams
+def sampling_params(args):
+    """The sampling flags of `add_sampling_options` as checked SamplingParams (before any model loads)."""
+    from .engine.sampling import SamplingError, SamplingParams
 
     try:
         return SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop or []),
         )
-    except ValueError as e:  # name the command-line flag, not the Python field
+    except SamplingError as e:  # name the command-line flag, not the Python field
         message = str(e)
-        for field in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
-            message = message.replace(field, "--" + field.replace("_", "-"))
+        for field in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop"):
+            message = message.replace(field, "--" + field.replace("_", "-"), 1) if message.startswith(field) else message
         raise UserError(message) from None
 
 
-def _device(name: str) -> str | None:
-    """None for auto (load() picks), else the checked device name."""
+def resolve_device(name: str) -> str | None:
+    """--device: None for auto (load() picks), else the checked device name (DeviceError if unusable)."""
     if name == "auto":
         return None
     from .api import check_device
 
-    check_device(name)  # DeviceError is a ValueError: reported as one line
+    check_device(name)
     return name
+
+
+def load_pipeline(args, truncate: bool | None = None):
+    """The model of `add_model_options`' flags, loaded with progress on stderr."""
+    from . import api
+
+    device = resolve_device(args.device)
+    where = args.model if args.model is not None else (api.bundled_model_dir() or "the bundled model")
+    print(f"Loading model from {where} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    pipe = api.load(args.model, device=device, dtype=args.dtype, progress=True,
+                    truncate=args.truncate if truncate is None else truncate)
+    print(f"Model loaded in {time.perf_counter() - start:.1f} s.", file=sys.stderr, flush=True)
+    return pipe
 
 
 def _decode_audio(path: str):
@@ -200,18 +235,6 @@ def _decode_audio(path: str):
     from .audio import load_audio
 
     return load_audio(path)
-
-
-def _load(args):
-    from . import api
-
-    device = _device(args.device)
-    where = args.model if args.model is not None else (api.bundled_model_dir() or "the bundled model")
-    print(f"Loading model from {where} ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    pipe = api.load(args.model, device=device, dtype=args.dtype, progress=True, truncate=args.truncate)
-    print(f"Model loaded in {time.perf_counter() - start:.1f} s.", file=sys.stderr, flush=True)
-    return pipe
 
 
 def _audio_parts(clips) -> list[dict]:
@@ -252,9 +275,9 @@ def ask_messages(clips, prompt: str | None, system: str | None = None) -> list[d
 def cmd_ask(args) -> int:
     if not args.audio and args.prompt is None:
         raise UserError("ask needs audio files, --prompt TEXT, or both")
-    sampling = _sampling(args)
+    sampling = sampling_params(args)
     clips = [_decode_audio(p) for p in args.audio]
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     if args.raw:
         from .chat import raw_prompt
 
@@ -275,9 +298,9 @@ def one_line(text: str) -> str:
 
 
 def cmd_transcribe(args) -> int:
-    sampling = _sampling(args)
+    sampling = sampling_params(args)
     clips = [_decode_audio(p) for p in args.audio]
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     for path, clip in zip(args.audio, clips):
         text = one_line(pipe.transcribe(clip, language=args.language, chat=args.chat, sampling=sampling))
         print(f"{path}: {text}" if len(args.audio) > 1 else text, flush=True)
@@ -299,9 +322,9 @@ def _input_lines():
 
 
 def cmd_chat(args) -> int:
-    sampling = _sampling(args)
+    sampling = sampling_params(args)
     pending = [(p, _decode_audio(p)) for p in args.audio or []]
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     history: list[dict] = []
     if sys.stdin.isatty():
@@ -325,7 +348,7 @@ def cmd_chat(args) -> int:
                     continue
                 try:
                     pending.append((path, _decode_audio(path)))
-                except ValueError as e:
+                except Qwen2AudioError as e:
                     _report(_one_line(e))
                     continue
                 print(f"(attached {path})", file=sys.stderr, flush=True)
@@ -340,7 +363,7 @@ def cmd_chat(args) -> int:
         turn = {"role": "user", "content": content}
         try:
             answer = _emit(pipe.stream(system + history + [turn], sampling))
-        except ValueError as e:  # e.g. the conversation no longer fits the model: drop this turn
+        except Qwen2AudioError as e:  # e.g. the conversation no longer fits the model: drop this turn
             _report(_one_line(e))
             continue
         history += [turn, {"role": "assistant", "content": answer}]
@@ -351,9 +374,24 @@ def cmd_chat(args) -> int:
 COMMANDS = {"ask": cmd_ask, "chat": cmd_chat, "transcribe": cmd_transcribe}
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """parse_args, but an unknown flag after a command is reported with that command's usage (argparse's own
+    report shows the top-level usage, which does not list the flag the user is looking for)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+# Commands whose user errors still derive from ValueError alone (qwen2audio/train is being reworked separately):
+# until they derive from Qwen2AudioError, any ValueError of these commands is reported as the user's.
+LEGACY_VALUE_ERRORS = {"train", "export-checkpoint"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -368,9 +406,15 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except (UserError, ValueError, OSError) as e:
-        # ValueError covers AudioError, CheckpointError, ConfigError, TokenizerError, MessageError,
-        # invalid sampling options and prompts too long for the model.
+    except (Qwen2AudioError, OSError) as e:
+        # Qwen2AudioError: AudioError, CheckpointError, ConfigError, TokenizerError, MessageError, SamplingError,
+        # PromptTooLong, DeviceError, the evaluator's errors, UserError. OSError: files, disks and sockets.
+        # Anything else is a bug and keeps its traceback.
+        _report(_one_line(e))
+        return EXIT_USAGE
+    except ValueError as e:
+        if args.command not in LEGACY_VALUE_ERRORS:
+            raise
         _report(_one_line(e))
         return EXIT_USAGE
 

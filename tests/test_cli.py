@@ -188,13 +188,15 @@ COMMON = ["--model", "--device", "--dtype", "--truncate", "--max-new-tokens", "-
     ("ask", ["AUDIO", "--prompt", "--stream", "--raw", "--system"]),
     ("chat", ["--audio", "--system", "/audio", "/reset", "/exit"]),
     ("transcribe", ["AUDIO", "--language", "--chat"]),
+    ("eval", [o for o in COMMON if o != "--truncate"] + ["--endpoint", "--full-audio"]),
+    ("serve", ["--model", "--device", "--dtype", "--truncate", "--served-model-name", "--port"]),
 ])
 def test_help(command, specific, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(([command] if command else []) + ["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for option in specific + (COMMON if command else []):
+    for option in specific + (COMMON if command in ("ask", "chat", "transcribe") else []):
         assert option in out, option
 
 
@@ -247,3 +249,89 @@ def test_ctrl_c_exits_130_quietly(files, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "error" not in captured.err and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+# ---- issue 20: errors, usage, serve's socket -----------------------------------------------------
+def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(files, monkeypatch, capsys):
+    def bug(*args, **kwargs):
+        raise ValueError("a stray ValueError deep inside")
+
+    monkeypatch.setattr(qwen2audio.api, "load", bug)
+    with pytest.raises(ValueError, match="stray"):  # not reported as the user's mistake
+        cli.main(["ask", str(files["a"]), "--model", str(files["model"])])
+
+    def user_error(*args, **kwargs):
+        raise qwen2audio.errors.Qwen2AudioError("your checkpoint is odd")
+
+    monkeypatch.setattr(qwen2audio.api, "load", user_error)
+    assert cli.main(["ask", str(files["a"]), "--model", str(files["model"])]) == 2
+    assert capsys.readouterr().err.endswith("qwen2audio: error: your checkpoint is odd\n")
+
+
+def test_user_facing_errors_share_one_base():
+    from qwen2audio import api, audio, chat, config, tokenizer, weights
+    from qwen2audio.engine import sampling, scheduler
+    from qwen2audio.eval import client, data, evaluate, metrics, runner
+
+    base = qwen2audio.errors.Qwen2AudioError
+    for error in (audio.AudioError, config.ConfigError, tokenizer.TokenizerError, weights.CheckpointError,
+                  chat.MessageError, api.DeviceError, scheduler.PromptTooLong, sampling.SamplingError,
+                  client.EndpointError, metrics.MetricError, runner.RunError, data.DataError, evaluate.UsageError,
+                  cli.UserError):
+        assert issubclass(error, base), error
+
+
+@pytest.mark.parametrize("command, needed", [("serve", []), ("ask", []), ("eval", ["--task", "vsc"])])
+def test_unknown_flag_shows_the_commands_usage(command, needed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, *needed, "--no-such-flag"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: qwen2audio {command} ")
+    assert f"qwen2audio {command}: error: unrecognized arguments: --no-such-flag" in err
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_serve_port_out_of_range_is_a_usage_error(port, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--port", port])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --port" in err and "Traceback" not in err
+
+
+def test_serve_reports_a_port_in_use_before_loading_the_model(files, monkeypatch, capsys):
+    import socket
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(qwen2audio.api, "load", load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--model", str(files["model"]), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "another server" in err and "Loading" not in err
+
+
+def test_served_model_id(tmp_path):
+    from qwen2audio.server.cli import BUNDLED_NAME, served_name
+
+    (tmp_path / "Qwen2-Audio-7B-Instruct").mkdir()
+    assert served_name(None, f"{tmp_path}/Qwen2-Audio-7B-Instruct/") == "Qwen2-Audio-7B-Instruct"
+    assert served_name("audio", f"{tmp_path}/Qwen2-Audio-7B-Instruct") == "audio"
+    assert served_name(None, None) == BUNDLED_NAME != "model"
+
+
+def test_eval_takes_every_sampling_flag(files, capsys):
+    from qwen2audio.eval.evaluate import _extra_sampling
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["eval", "--task", "vsc", "--top-k", "5", "--repetition-penalty", "1.1", "--stop", "X"])
+    assert _extra_sampling(args) == {"top_k": 5, "repetition_penalty": 1.1, "stop": ["X"]}
+    assert _extra_sampling(parser.parse_args(["eval", "--task", "vsc"])) == {}  # old runs' settings unchanged
+    rc = cli.main(["eval", "--task", "vsc", "--data", str(files["a"]), "--output", str(files["root"] / "ev"),
+                   "--model", str(files["model"]), "--repetition-penalty", "1e-300"])
+    assert rc == 2 and "--repetition-penalty must be" in capsys.readouterr().err

@@ -83,13 +83,17 @@ def server_media(server):
     return server.app.state.config.media.allowed_local_dir
 
 
-def test_health_answers_within_a_second_while_a_20_mb_message_is_handled(server):
-    text = "hello world " * (20 * 2**20 // 12)
+@pytest.mark.parametrize("shape", ["one 20 MB message", "300,000 short messages"])
+def test_health_answers_within_a_second_while_a_huge_text_request_is_handled(server, shape):
+    if shape == "one 20 MB message":
+        messages = [{"role": "user", "content": "hello world " * (20 * 2**20 // 12)}]
+    else:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 150_000
     result = {}
 
     def big():
         result["r"] = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,
-                                 json={"model": MODEL, "messages": [{"role": "user", "content": text}]})
+                                 json={"model": MODEL, "messages": messages})
 
     worker = threading.Thread(target=big)
     latencies = []
@@ -109,3 +113,18 @@ def test_health_answers_within_a_second_while_a_20_mb_message_is_handled(server)
     ok = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
                     json={"model": MODEL, "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_a_bug_is_a_500_with_its_traceback_in_the_log_not_a_400(server, monkeypatch, caplog):
+    import qwen2audio.server.app as app_module
+
+    def stray(*args, **kwargs):
+        raise ValueError("a stray ValueError, not the user's mistake")
+
+    monkeypatch.setattr(app_module, "prepare_chat", stray)
+    with caplog.at_level("ERROR", logger="qwen2audio.server"):
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    logged = [rec for rec in caplog.records if rec.exc_info and "stray ValueError" in str(rec.exc_info[1])]
+    assert logged, caplog.text

@@ -60,10 +60,11 @@ class EndpointBackend:
     """Sends the requests of a batch concurrently, one chat completion each."""
 
     def __init__(self, client, model: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, concurrency: int = 8):
+                 seed: int | None = None, concurrency: int = 8, extra: dict | None = None):
         self.client = client
         self.model = model
-        self.params = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        self.params = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                       **(extra or {})}
         self.concurrency = max(1, concurrency)
 
     def describe(self) -> dict:

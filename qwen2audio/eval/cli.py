@@ -55,8 +55,11 @@ def register(subparsers) -> dict:
                         "for AIR-Bench the Foundation/ or Chat/ folder)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N items")
 
-    src = p.add_argument_group("answers from (one of; default: the bundled model, in this process)")
-    src.add_argument("--model", metavar="DIR", help="checkpoint directory, run in this process")
+    from ..cli import add_model_options, add_sampling_options
+
+    add_model_options(p, "answers from a model in this process (--device auto: under torchrun cuda:LOCAL_RANK)",
+                      note=", run in this process")
+    src = p.add_argument_group("or answers from a server (instead of --model)")
     src.add_argument("--endpoint", metavar="URL",
                      help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (audio goes as input_audio parts; "
                           "base-model prompts are sent as the text after the audio, inside the chat template)")
@@ -66,20 +69,14 @@ def register(subparsers) -> dict:
     gen = p.add_argument_group("generation")
     gen.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                      help="items per model batch; with --endpoint, requests in flight at once (default: 8)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N", help="default: 256")
-    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
-    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="only with --temperature > 0 (default: 1)")
-    gen.add_argument("--seed", type=int, default=None, metavar="N", help="seed for sampling")
-    gen.add_argument("--device", default="auto", help="--model only: auto, cpu, cuda or cuda:N (default: auto; "
-                                                      "under torchrun cuda:LOCAL_RANK)")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="--model only (default: auto)")
     gen.add_argument("--full-audio", action="store_true",
                      help="--model only: give audio longer than 30 s to the model in 30 s windows (default: cut at "
                           "30 s, as the reference implementation and the published numbers do)")
     gen.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds per HTTP request (default: 600)")
     gen.add_argument("--retries", type=_int_at_least(0), default=5, metavar="N",
                      help="retries of a failed HTTP request, with exponential backoff (default: 5)")
+
+    add_sampling_options(p)
 
     sc = p.add_argument_group("scoring")
     sc.add_argument("--language", metavar="LANG",

@@ -56,29 +56,37 @@ def _endpoint_backend(args):
                         retries=args.retries)
     model = args.endpoint_model or client.first_model()
     return EndpointBackend(client, model, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                           concurrency=args.batch_size)
+                           concurrency=args.batch_size, extra=_extra_sampling(args))
+
+
+def _extra_sampling(args) -> dict:
+    """The sampling flags beyond OpenAI's core ones, only when set: servers other than ours may refuse them, and
+    runs made before these flags existed keep their settings (and so stay resumable)."""
+    extra = {"top_k": args.top_k or None, "repetition_penalty": None if args.repetition_penalty == 1.0 else
+             args.repetition_penalty, "stop": args.stop or None}
+    return {k: v for k, v in extra.items() if v is not None}
 
 
 def _local_backend(args, progress: bool):
     from .. import api
-    from ..engine import SamplingParams
+    from ..cli import resolve_device, sampling_params
     from .backends import LocalBackend
 
-    device = None if args.device == "auto" else args.device
+    sampling = sampling_params(args)  # checked before the model loads
+    device = resolve_device(args.device)
     if device is None and "LOCAL_RANK" in os.environ:
         import torch
 
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed)
     pipe = api.load(args.model, device=device, dtype=args.dtype, progress=progress, truncate=not args.full_audio)
     return LocalBackend(pipe, sampling)
 
 
 def _settings(args, backend_id: dict) -> dict:
     return {"backend": backend_id, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "seed": args.seed, "full_audio": bool(args.full_audio and args.model)}
+            "top_p": args.top_p, "seed": args.seed, "full_audio": bool(args.full_audio and args.model),
+            **_extra_sampling(args)}
 
 
 def main(args) -> int:
@@ -87,6 +95,9 @@ def main(args) -> int:
         return merge_and_report(args, Path(args.merge))
     if not args.data or not args.output:
         raise UsageError("eval needs --data PATH and --output DIR (or --merge DIR)")
+    from ..cli import sampling_params
+
+    sampling_params(args)  # out-of-range sampling flags fail before any data is read or model loaded
     if args.model and args.endpoint:
         raise UsageError("eval takes one of --model DIR and --endpoint URL, not both")
     if not args.model and not args.endpoint:

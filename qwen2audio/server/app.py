@@ -187,11 +187,23 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         held the GIL for half a minute and took 3.6 GB)."""
         chars = sum(len(m["content"]) if isinstance(m["content"], str) else
                     sum(len(p["text"]) for p in m["content"] if p.get("type") == "text") for m in req.messages)
-        at_least = chars // tokenizer.max_token_chars
+        # and each message at least <|im_start|>, its role and <|im_end|>
+        at_least = chars // tokenizer.max_token_chars + 3 * len(req.messages)
         if at_least >= engine.max_len:
-            raise APIError(400, f"the messages hold {chars} characters, at least {at_least} tokens; this server's "
+            raise APIError(400, f"the messages hold {chars} characters in {len(req.messages)} messages, at least "
+                                f"{at_least} tokens; this server's "
                                 f"context limit is {engine.max_len} tokens (prompt + answer)",
                            "context_length_exceeded", "messages")
+
+    def parse_chat(raw: bytes) -> ChatRequest:
+        body = parse_json(raw)
+        check_model(body.get("model"))
+        req = parse_chat_request(body)
+        if len(req.audio_parts) > config.max_audios:
+            raise APIError(400, f"the request has {len(req.audio_parts)} audio parts; this server accepts at "
+                                f"most {config.max_audios} (--max-audios)", "too_many_audios", "messages")
+        check_text_fits(req)
+        return req
 
     def prepare_chat_prompt(req: ChatRequest) -> PromptInputs:
         """Thread pool: fetch and decode every audio part (errors name the part), then tokenize."""
@@ -256,14 +268,8 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         try:
             check_queue()
             raw = await request.body()
-            # a multi-megabyte body (inline audio) is parsed off the event loop
-            body = parse_json(raw) if len(raw) < 2**20 else await run_in_threadpool(parse_json, raw)
-            check_model(body.get("model"))
-            req = parse_chat_request(body)
-            if len(req.audio_parts) > config.max_audios:
-                raise APIError(400, f"the request has {len(req.audio_parts)} audio parts; this server accepts at "
-                                    f"most {config.max_audios} (--max-audios)", "too_many_audios", "messages")
-            check_text_fits(req)
+            # a multi-megabyte body (inline audio, a long text, thousands of messages) is checked off the event loop
+            req = parse_chat(raw) if len(raw) < 2**20 else await run_in_threadpool(parse_chat, raw)
             prompt = await run_in_threadpool(prepare_chat_prompt, req)
             seq, bridge = submit(prompt, req.params, req.max_tokens, req.ignore_eos, arrival)
         except APIError as e:
@@ -384,9 +390,10 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
                 clips[-2:] = [np.concatenate(clips[-2:])]
             for clip in clips:
                 submitted.append(await run_in_threadpool(submit_asr, clip, fields["language"], fields["params"], arrival))
-        except APIError as e:
+        except (APIError, Qwen2AudioError) as e:
             for seq, _ in submitted:
                 engine.cancel(seq)
+            e = e if isinstance(e, APIError) else APIError(400, str(e), "invalid_value")
             metrics.record("transcriptions", e.status)
             return error_response(e)
         if fields["stream"]:

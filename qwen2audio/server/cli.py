@@ -3,9 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+BUNDLED_NAME = "qwen2audio-bundled"  # the bundled model's folder is called `model`: too vague as an id
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {value}")
+    return value
+
+
+def served_name(option: str | None, model: str | None) -> str:
+    """--served-model-name, else the --model directory's own name (`Qwen2-Audio-7B-Instruct`, also for `.` or
+    a path with a trailing slash), else the bundled model's id."""
+    from pathlib import Path
+
+    if option:
+        return option
+    return Path(model).resolve().name if model is not None else BUNDLED_NAME
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the server's socket before the model loads (minutes for a large one), so that a port in use or a bad
+    --host is reported at once; uvicorn then serves on this very socket."""
+    from ..cli import UserError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: no wait after a restart
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = "; another server is using it: stop it or choose another --port" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
+    return sock
 
 
 def _positive(kind):
@@ -29,19 +73,16 @@ def register(subparsers) -> dict:
                     "chat page with audio upload and microphone recording at /. There is no authentication: "
                     "keep the default 127.0.0.1 bind unless a proxy in front of it controls access.",
     )
-    model = p.add_argument_group("model")
-    model.add_argument("--model", metavar="DIR", default=None,
-                       help="checkpoint directory in the Hugging Face layout; default: the bundled model")
-    model.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: auto)")
-    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weight and compute dtype (default: auto = float32 on cpu, stored dtype on cuda)")
-    model.add_argument("--truncate", action="store_true",
-                       help="keep only the first 30 s of every audio, like the reference implementation")
+    from ..cli import add_model_options, add_truncate_option
+
+    model = add_model_options(p)
+    add_truncate_option(model)
     model.add_argument("--served-model-name", metavar="NAME", default=None,
-                       help="the model id clients send and /v1/models lists (default: the directory's name)")
+                       help=f"the model id clients send and /v1/models lists (default: the --model directory's "
+                            f"name; {BUNDLED_NAME!r} for the bundled model)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    net.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    net.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default: 8000)")
     net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     eng = p.add_argument_group("engine")
     eng.add_argument("--max-batch", type=_positive(int), default=16, metavar="N",
@@ -79,37 +120,35 @@ def register(subparsers) -> dict:
 
 
 def cmd_serve(args) -> int:
-    from pathlib import Path
-
     import uvicorn
 
-    from .. import api
-    from ..cli import UserError, _device
+    from ..cli import load_pipeline
     from ..engine.llm_engine import LLMEngine
     from .app import ServerConfig, create_app
     from .media import MediaPolicy
 
-    try:
-        policy = MediaPolicy(allowed_local_dir=args.allowed_local_media_path, allow_remote=args.allow_remote_audio,
-                             remote_timeout=args.remote_audio_timeout, max_audio_bytes=int(args.max_audio_mb * 2**20))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    policy = MediaPolicy(allowed_local_dir=args.allowed_local_media_path, allow_remote=args.allow_remote_audio,
+                         remote_timeout=args.remote_audio_timeout, max_audio_bytes=int(args.max_audio_mb * 2**20))
     if args.host not in LOOPBACK:
         print(f"warning: binding {args.host}: the server has no authentication; anyone who can reach this "
               f"address can use the model", file=sys.stderr, flush=True)
-    directory = Path(args.model) if args.model is not None else api.bundled_model_dir()
-    print(f"Loading model from {directory or 'the bundled model'} ...", file=sys.stderr, flush=True)
-    pipe = api.load(args.model, device=_device(args.device), dtype=args.dtype, progress=True, truncate=args.truncate)
-    engine = LLMEngine(pipe.model, pipe.tokenizer, pipe.stop_ids, max_batch=args.max_batch,
-                       max_model_len=args.max_model_len,
-                       kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
-                       max_queue=args.max_queue, audio_cache_bytes=int(args.audio_cache_mb * 2**20),
-                       n_mels=pipe.processor.n_mels)
-    name = args.served_model_name or (directory.resolve().name if directory else "qwen2audio")
-    print(f"KV cache: {engine.num_slots} slots x {engine.max_len} tokens ({engine.kv_cache_bytes / 2**20:.0f} MiB); "
-          f"serving {name!r} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    config = ServerConfig(model_name=name, max_request_bytes=int(args.max_request_mb * 2**20),
-                          max_audio_seconds=args.max_audio_seconds, max_audios=args.max_audios,
-                          default_max_tokens=args.default_max_tokens, truncate=args.truncate, media=policy)
-    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level)
+    sock = bind_socket(args.host, args.port)
+    try:
+        pipe = load_pipeline(args)
+        engine = LLMEngine(pipe.model, pipe.tokenizer, pipe.stop_ids, max_batch=args.max_batch,
+                           max_model_len=args.max_model_len,
+                           kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
+                           max_queue=args.max_queue, audio_cache_bytes=int(args.audio_cache_mb * 2**20),
+                           n_mels=pipe.processor.n_mels)
+        name = served_name(args.served_model_name, args.model)
+        print(f"KV cache: {engine.num_slots} slots x {engine.max_len} tokens "
+              f"({engine.kv_cache_bytes / 2**20:.0f} MiB); serving {name!r} on http://{args.host}:{args.port}/",
+              file=sys.stderr, flush=True)
+        config = ServerConfig(model_name=name, max_request_bytes=int(args.max_request_mb * 2**20),
+                              max_audio_seconds=args.max_audio_seconds, max_audios=args.max_audios,
+                              default_max_tokens=args.default_max_tokens, truncate=args.truncate, media=policy)
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level=args.log_level))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
