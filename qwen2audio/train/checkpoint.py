@@ -30,6 +30,10 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 PREFIX = "step-"
 FORMAT = 1
+# --fsdp runs: trainable weights and optimizer state in torch.distributed.checkpoint's sharded layout
+# (dcp/: one file per rank + .metadata), the rest as above; readable on any number of ranks.
+SHARDED_FORMAT = 2
+SHARDED = "dcp"
 
 
 class CheckpointError(ValueError):
@@ -69,14 +73,29 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(root: str | Path, step: int, trainable: dict[str, torch.Tensor], extra: dict[str, torch.Tensor],
                     state: dict, keep_last: int) -> Path:
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root))
+    tmp = new_temporary(root, step)
     try:
         _write_tensors(trainable, tmp / TRAINABLE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit(root, tmp, step, extra, {"format": FORMAT, **state}, keep_last)
+
+
+def new_temporary(root: str | Path, step: int) -> Path:
+    """The hidden directory a checkpoint is written into before `commit` renames it into place."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root))
+
+
+def commit(root: str | Path, tmp: Path, step: int, extra: dict[str, torch.Tensor], state: dict, keep_last: int) -> Path:
+    """Write the extra tensors and state.json (last) into `tmp`, fsync it, rename it to step-N, prune."""
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    try:
         _write_tensors(extra, tmp / OPTIMIZER)
-        _write_json({"format": FORMAT, **state}, tmp / STATE)  # last: a directory with state.json is complete
+        _write_json(state, tmp / STATE)  # last: a directory with state.json is complete
         _fsync(tmp)
         old = None
         if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside first
@@ -138,6 +157,24 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def read_state(path: str | Path) -> dict:
+    """A complete checkpoint's state.json (either format)."""
+    path = Path(path)
+    if not (path / STATE).is_file():
+        raise CheckpointError(f"{path}: not a training checkpoint (no {STATE})")
+    try:
+        state = json.loads((path / STATE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / STATE}: not valid JSON ({e})") from None
+    if state.get("format") not in (FORMAT, SHARDED_FORMAT):
+        raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT} or {SHARDED_FORMAT}")
+    return state
+
+
+def read_extra(path: str | Path) -> dict[str, torch.Tensor]:
+    return _read_tensors(Path(path) / OPTIMIZER)
+
+
 def load_checkpoint(path: str | Path, extra: bool = True) -> Checkpoint:
     """Read a step directory; extra=False skips the optimizer file (enough to export the weights)."""
     path = Path(path)
@@ -147,6 +184,8 @@ def load_checkpoint(path: str | Path, extra: bool = True) -> Checkpoint:
         state = json.loads((path / STATE).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / STATE}: not valid JSON ({e})") from None
+    if state.get("format") == SHARDED_FORMAT:
+        raise CheckpointError(f"{path}: a sharded (--fsdp) checkpoint; read it with train.fsdp")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
     return Checkpoint(path, _read_tensors(path / TRAINABLE), _read_tensors(path / OPTIMIZER) if extra else {}, state)

@@ -14,7 +14,8 @@ Train a Qwen2-Audio checkpoint: --stage pretrain (task records -> raw task promp
 conversations) or dpo (conversations + "rejected_response"). Settings come from the defaults, then
 --config FILE.toml, then the flags below, then --set KEY=VALUE (applied last); the resolved config
 is printed at start and saved as OUTPUT/train_config.toml. The same command runs data-parallel
-under `torchrun --nproc_per_node N -m qwen2audio train ...` (gloo on CPU, NCCL on GPUs)."""
+under `torchrun --nproc_per_node N -m qwen2audio train ...` (gloo on CPU, NCCL on GPUs), replicated
+(DistributedDataParallel) or, with --fsdp, sharded (FSDP2; also across nodes with torchrun's --nnodes)."""
 
 EPILOG = """\
 data (JSONL, one record per line; audio paths relative to the file's folder):
@@ -34,7 +35,7 @@ OUTPUT/metrics.jsonl. Every config key can be set with --set; see qwen2audio/tra
 FLAG_KEYS = ("stage", "model", "data", "output", "eval_data", "eval_every", "max_steps", "epochs", "lr", "batch_size",
              "grad_accum", "max_length", "save_every", "keep_last", "device", "seed", "resume", "skip_bad_records",
              "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "precision",
-             "gradient_checkpointing", "progress")
+             "gradient_checkpointing", "progress", "fsdp", "fsdp_cpu_offload")
 PARTS = ("audio_tower", "projector", "llm")
 
 
@@ -75,6 +76,11 @@ def register(subparsers) -> dict:
                    help="bf16 autocast (default: on for GPUs that support it)")
     p.add_argument("--gradient-checkpointing", action="store_const", const=True, default=S,
                    help="recompute layer activations in backward (less memory, more compute)")
+    p.add_argument("--fsdp", action="store_const", const=True, default=S,
+                   help="shard weights, gradients and optimizer state over the torchrun ranks (FSDP2) and write "
+                        "sharded checkpoints; for models whose full fine-tuning does not fit one device")
+    p.add_argument("--fsdp-cpu-offload", action="store_const", const=True, default=S,
+                   help="with --fsdp: keep the shards and the optimizer step in CPU memory")
     p.add_argument("--save-every", type=int, metavar="N", default=S, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-last", type=int, metavar="K", default=S, help="checkpoints to keep (default: 2)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT", default=S,

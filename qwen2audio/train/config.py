@@ -79,6 +79,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's local GPU)
     num_workers: int = 0  # DataLoader worker processes
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the ranks (FSDP2); sharded checkpoints
+    fsdp_cpu_offload: bool = False  # with fsdp: keep the shards (and the optimizer step) in CPU memory
     audio_cache_gb: float = 4.0  # frozen audio tower: keep its outputs in RAM up to this size and reuse them (0: off)
     # ---- checkpoints and logging -------------------------------------------------------------
     save_every: int = 0  # steps between checkpoints (0: only the last step)
@@ -123,6 +125,8 @@ class TrainConfig:
             raise TrainConfigError("nothing to train: the audio tower, projector and LLM are all frozen")
         if self.model_dtype != "float32" and self.precision == "fp32":
             raise TrainConfigError(f"model_dtype={self.model_dtype} needs precision=bf16 or auto (autocast)")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise TrainConfigError("fsdp_cpu_offload needs fsdp (--fsdp)")
         if not self.lora_target_modules:
             raise TrainConfigError("lora_target_modules is empty")
         if self.eval_every and not self.eval_data and not partial:

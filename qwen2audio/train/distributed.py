@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    own_group: bool = False  # a one-process group started for FSDP (not by torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +61,10 @@ class Dist:
         return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
     def no_sync(self, model: nn.Module, sync: bool):
-        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        """Skip DDP's gradient all-reduce (FSDP's reduce-scatter) on all but the last micro-batch of a step."""
+        if self.enabled and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         if self.enabled and not sync:
             return model.no_sync()
         return contextlib.nullcontext()
@@ -72,10 +77,17 @@ def resolve_device(option: str, local_rank: int = 0, distributed: bool = False) 
     return device
 
 
-def setup(device_option: str) -> Dist:
+def setup(device_option: str, group_alone: bool = False) -> Dist:
+    """`group_alone`: start a one-process group when not under torchrun (FSDP needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(device=resolve_device(device_option))
+        d = Dist(device=resolve_device(device_option))
+        if group_alone and not dist.is_initialized():
+            store = dist.FileStore(tempfile.mktemp(prefix="qwen2audio-group-"), 1)
+            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=store, rank=0, world_size=1,
+                                    device_id=d.device if d.device.type == "cuda" else None)
+            d.own_group = True
+        return d
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_option, local_rank, distributed=True)
     if device.type == "cuda":
@@ -92,7 +104,7 @@ def setup(device_option: str) -> Dist:
 
 
 def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+    if (d.enabled or d.own_group) and dist.is_initialized():
         dist.destroy_process_group()
 
 

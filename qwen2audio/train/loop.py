@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -22,10 +23,11 @@ from tqdm import tqdm
 from ..processor import Qwen2AudioProcessor
 from ..weights import check_directory
 from . import checkpoint as ckpt
-from . import distributed, setup
+from . import fsdp
+from . import distributed, memory, setup
 from .config import TrainConfig, TrainConfigError
 from .data import BatchStream, Collate, ExampleDataset, eval_batches
-from .objectives import DPOObjective, LMObjective, precompute_reference
+from .objectives import DPOObjective, LMObjective, logits_of, precompute_reference
 from .records import load_examples
 from .tower_cache import TowerCache
 
@@ -54,7 +56,7 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
-    d = distributed.setup(cfg.device)
+    d = distributed.setup(cfg.device, group_alone=cfg.fsdp)
     try:
         return _train(cfg, d)
     finally:
@@ -97,16 +99,28 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
         + f"; {total} steps of {cfg.batch_size} x {cfg.grad_accum} x {d.world} {unit}")
 
     # ---- model --------------------------------------------------------------------------------
-    model = setup.load_model(cfg, d.device)
+    # FSDP: each rank maps the checkpoint (page cache, shared) and copies only its shards to its device.
+    model = setup.load_model(cfg, torch.device("cpu") if cfg.fsdp else d.device)
     if cfg.max_length > model.config.text_config.max_position_embeddings:
         raise TrainConfigError(f"max_length={cfg.max_length} exceeds the model's "
                                f"{model.config.text_config.max_position_embeddings} positions")
     reference = None
     if cfg.stage == "dpo" and cfg.dpo_reference == "copy" and not cfg.lora:
         reference = copy.deepcopy(model).eval().requires_grad_(False)  # the SFT model, frozen
-    targets = setup.prepare_trainable(model, cfg)
+        if cfg.fsdp:
+            fsdp.shard(reference, cfg, d.device, d.world)
+    targets = setup.prepare_trainable(model, cfg, upcast=not cfg.fsdp)
     if cfg.gradient_checkpointing:
         setup.enable_gradient_checkpointing(model, cfg)
+    shape = memory.Shape.of(model)
+    sharding = None
+    if cfg.fsdp:
+        sharding = fsdp.shard(model, cfg, d.device, d.world)
+        say(f"FSDP: {sharding['units']} units sharded over {d.world} rank(s)"
+            + (", bf16 compute, float32 reduction and masters" if sharding["bf16"] else ", float32")
+            + ("; the frozen audio tower whole on each rank" if not sharding["tower_sharded"] else "")
+            + ("; shards offloaded to CPU" if sharding["offload"] else ""))
+    _check_memory(cfg, d, shape, say, warn)
     model.train()
     tower_cache = None
     if cfg.freeze_audio_tower and cfg.audio_cache_gb > 0:
@@ -117,6 +131,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {n_trainable:,} trainable ({what})")
     optimizer = setup.build_optimizer(model, cfg)
     autocast = setup.autocast(cfg, d.device)
+    if cfg.fsdp:
+        autocast = contextlib.nullcontext  # FSDP's mixed-precision policy computes in bf16 (or float32)
 
     # ---- resume -------------------------------------------------------------------------------
     step, tables = 0, None
@@ -136,7 +152,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
         objective = LMObjective(d.device)
     audio_side = not (cfg.freeze_audio_tower and cfg.freeze_projector)
     text_only = any(not seq.windows for ex in train_set.examples for seq in ex.seqs)
-    ddp = distributed.wrap(model, d, find_unused=audio_side and text_only)
+    ddp = model if cfg.fsdp else distributed.wrap(model, d, find_unused=audio_side and text_only)
     params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -146,7 +162,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
     metrics = (out / "metrics.jsonl").open("a" if resume_from else "w") if d.is_main else None
     bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True,
                disable=not (d.is_main and cfg.progress), file=sys.stderr)
-    finished = True
+    finished, measured = True, False
     while step < total:
         started = time.perf_counter()
         lr = lr_at(step, cfg, total)
@@ -167,6 +183,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
                 sums[k] = sums.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optimizer.step()
+        if cfg.fsdp and not measured:  # after the first step of this run: gradients and optimizer state exist
+            _write_memory(out, cfg, d, model, optimizer, shape)
+            measured = True
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
@@ -174,7 +193,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
         totals = dict(zip(keys, d.sum([sums[k] for k in keys])))
         elapsed = time.perf_counter() - started
         record = {"step": step, "epoch": round(stream.epoch + stream.offset / stream.per_epoch, 4), "lr": lr,
-                  "grad_norm": float(grad_norm), **_averages(totals, objective.count_key),
+                  "grad_norm": fsdp.scalar(grad_norm), **_averages(totals, objective.count_key),
                   "tokens": int(totals["tokens"]), "tokens_per_s": totals["tokens"] / elapsed}
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -204,12 +223,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
             f"{len(tower_cache.states)} kept ({tower_cache.bytes / 2**20:.0f} MiB)")
 
     # ---- the result ---------------------------------------------------------------------------
-    if d.enabled:
+    if d.enabled and not cfg.fsdp:  # sharded: there are no replicas to compare
         in_sync = distributed.replicas_in_sync(model, d)
         say(f"replicas in sync: {'yes' if in_sync else 'NO'}")
         if not in_sync:
             raise RuntimeError("model replicas diverged across ranks")
-    if finished and d.is_main:
+    if finished and cfg.fsdp:  # every rank takes part in gathering, rank 0 writes
+        fsdp.export(model, cfg, processor, d.is_main, d.comm_device, setup.export_dtype(cfg), say)
+    elif finished and d.is_main:
         setup.export(model, cfg, processor, say)
     d.barrier()
     return TrainResult(out, step, finished, history, model)
@@ -244,10 +265,21 @@ def evaluate(model, objective, dataset, collate, cfg: TrainConfig, d, autocast) 
             _, stats = objective(model, batch)  # the bare model: no DDP hooks outside training
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
+    for batch in _lockstep(dataset, collate, cfg, d):
+        with autocast():
+            objective(model, batch)  # only to take part in the sharded model's collectives
     model.train()
     keys = ["loss", objective.count_key] + sorted(k for k in (sums or {}) if k not in ("loss", objective.count_key))
     totals = dict(zip(keys, d.sum([sums.get(k, 0.0) for k in keys])))
     return {f"eval_{k}": v for k, v in _averages(totals, objective.count_key).items()}
+
+
+def _lockstep(dataset, collate, cfg: TrainConfig, d) -> list[dict]:
+    """Extra batches (results unused) for a rank with fewer held-out batches than another: a sharded
+    model's forward is a collective that every rank must run as often."""
+    if not cfg.fsdp:
+        return []
+    return [collate([dataset[0]])] * fsdp.lockstep_padding(len(dataset), cfg.batch_size, d.rank, d.world)
 
 
 def _averages(totals: dict[str, float], count_key: str) -> dict[str, float]:
@@ -264,6 +296,9 @@ def _reference_table(model, dataset, collate, cfg, d, autocast) -> torch.Tensor:
     model.eval()
     batches = eval_batches(dataset, collate, cfg.batch_size, d.rank, d.world)
     part = precompute_reference(model, batches, d.device, len(dataset), autocast)
+    with torch.no_grad():
+        for batch in _lockstep(dataset, collate, cfg, d):
+            logits_of(model, batch, d.device)
     model.train()
     summed = torch.tensor(d.sum(part.flatten().tolist()), dtype=torch.float64).view(part.shape)
     return (summed[:, :2] / summed[:, 2:].clamp(min=1)).float()
@@ -282,6 +317,8 @@ def _resume_path(cfg: TrainConfig, root: Path) -> Path | None:
 
 
 def _save(root, step, cfg, d, model, optimizer, names, stream, total, tables) -> Path | None:
+    if cfg.fsdp:
+        return _save_sharded(root, step, cfg, d, model, optimizer, stream, total, tables)
     rng = d.gather({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None})
     if not d.is_main:
@@ -304,6 +341,25 @@ def _save(root, step, cfg, d, model, optimizer, names, stream, total, tables) ->
     return path
 
 
+def _save_sharded(root, step, cfg, d, model, optimizer, stream, total, tables) -> Path | None:
+    """--fsdp: every rank writes its shard (DCP); rank 0 the RNG states of all ranks, DPO tables, state.json."""
+    rng = d.gather({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None})
+    extra = {}
+    for rank, state in enumerate(rng):
+        extra[f"rng.{rank}.cpu"] = state["cpu"]
+        if state["cuda"] is not None:
+            extra[f"rng.{rank}.cuda"] = state["cuda"]
+    for split, table in (tables or {}).items():
+        extra[f"reference.{split}"] = table
+    epoch, offset = stream.position
+    state = {"step": step, "total_steps": total, "epoch": epoch, "offset": offset, "world_size": d.world,
+             "config": cfg.to_dict()}
+    path = fsdp.save(root, step, model, optimizer, extra, state, cfg.keep_last, d.is_main, d.gather)
+    d.barrier()
+    return path
+
+
 def _load_trainable(model, c: ckpt.Checkpoint, what: str) -> None:
     """Copy a checkpoint's trainable weights into a model prepared (frozen parts, LoRA) like its run."""
     params = dict(model.named_parameters())
@@ -316,6 +372,10 @@ def _load_trainable(model, c: ckpt.Checkpoint, what: str) -> None:
 
 
 def _restore(path, cfg, d, model, optimizer, names, stream):
+    if ckpt.read_state(path)["format"] == ckpt.SHARDED_FORMAT:
+        return _restore_sharded(path, cfg, d, model, optimizer, stream)
+    if cfg.fsdp:
+        raise TrainConfigError(f"--resume {path}: a checkpoint of a run without --fsdp; resume it without --fsdp")
     c = ckpt.load_checkpoint(path)
     saved = c.state["config"]
     changed = [k for k in RESUME_INVARIANTS if saved.get(k) != getattr(cfg, k)]
@@ -339,13 +399,91 @@ def _restore(path, cfg, d, model, optimizer, names, stream):
     return c.state["step"], tables
 
 
+def _restore_sharded(path, cfg, d, model, optimizer, stream):
+    """A sharded checkpoint resumes on any number of ranks, with or without --fsdp, as long as the global
+    batch (batch_size x grad_accum x ranks) is the run's: the data position is then the same examples."""
+    state = ckpt.read_state(path)
+    saved = state["config"]
+    changed = [k for k in RESUME_INVARIANTS if k not in ("batch_size", "grad_accum") and saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise TrainConfigError(f"--resume {path}: the run used other values of {', '.join(changed)} "
+                               f"(e.g. {changed[0]}={saved.get(changed[0])!r}); resume with the same settings")
+    old_world = state["world_size"]
+    before = saved["batch_size"] * saved["grad_accum"] * old_world
+    now = cfg.batch_size * cfg.grad_accum * d.world
+    if before != now:
+        raise TrainConfigError(f"--resume {path}: the run's global batch was {saved['batch_size']} x {saved['grad_accum']} "
+                               f"x {old_world} process(es) = {before} {'pairs' if cfg.stage == 'dpo' else 'sequences'}, "
+                               f"now {cfg.batch_size} x {cfg.grad_accum} x {d.world} = {now}; choose --batch-size and "
+                               "--grad-accum to keep it")
+    # Micro-step i of an epoch takes examples [i*B*W, (i+1)*B*W) of the epoch's order (data.shard_order).
+    consumed = state["offset"] * saved["batch_size"] * old_world
+    if consumed % (cfg.batch_size * d.world):
+        raise TrainConfigError(f"--resume {path}: {consumed} examples into the epoch is not a whole number of "
+                               f"micro-batches of {cfg.batch_size} x {d.world}; choose --batch-size to divide it")
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+    if fsdp.trainable_names(path) != wanted:
+        raise ckpt.CheckpointError(f"--resume {path}: its trainable weights do not match this model")
+    fsdp.load(path, model, optimizer)
+    extra = ckpt.read_extra(path)
+    if old_world == d.world:
+        torch.set_rng_state(extra[f"rng.{d.rank}.cpu"])
+        if d.device.type == "cuda" and f"rng.{d.rank}.cuda" in extra:
+            torch.cuda.set_rng_state(extra[f"rng.{d.rank}.cuda"], d.device)
+    else:  # other ranks: dropout masks cannot continue as they were; seeded from the step instead
+        torch.manual_seed(cfg.seed + d.rank + 100_003 * state["step"])
+    stream.epoch, stream.offset = state["epoch"], consumed // (cfg.batch_size * d.world)
+    tables = {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith("reference.")} or None
+    return state["step"], tables
+
+
+def _check_memory(cfg: TrainConfig, d, shape: memory.Shape, say, warn) -> dict:
+    """The memory plan of this run (the README's formula); a warning when it will not fit the GPU."""
+    shards = d.world if cfg.fsdp else 1
+    bf16 = fsdp.uses_bf16(cfg, d.device)
+    rows = memory.plan(shape, shards, cfg.batch_size * cfg.max_length, bf16=bf16,
+                       frozen_bytes=setup.DTYPES[cfg.model_dtype].itemsize, checkpointing=cfg.gradient_checkpointing,
+                       offload=cfg.fsdp_cpu_offload)
+    ok, total = memory.fits(rows, d.device)
+    if cfg.fsdp or not ok:
+        say(f"memory plan at {cfg.batch_size} x {cfg.max_length} tokens: {memory.describe(rows)}")
+    if not ok:
+        warn(f"warning: this run needs about {memory.gib(rows['device'] + memory.GPU_OVERHEAD)} GiB per GPU and "
+             f"{torch.cuda.get_device_name(d.device)} has {memory.gib(total)} GiB: it will likely run out of memory. "
+             "Shard it over more GPUs (--fsdp), offload (--fsdp-cpu-offload), train LoRA (--lora), "
+             "or lower --batch-size / --max-length, or turn on --gradient-checkpointing")
+    return rows
+
+
+def _write_memory(out: Path, cfg: TrainConfig, d, model, optimizer, shape: memory.Shape) -> None:
+    """OUTPUT/memory.json: the plan beside what each rank really holds after its first step."""
+    import resource
+
+    held = fsdp.held_bytes(model, optimizer)
+    held["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if d.device.type == "cuda":
+        held["cuda_peak"] = torch.cuda.max_memory_allocated(d.device)
+    ranks = d.gather(held)
+    if not d.is_main:
+        return
+    shards = d.world if cfg.fsdp else 1
+    frozen_bytes = setup.DTYPES[cfg.model_dtype].itemsize
+    rows = memory.plan(shape, shards, cfg.batch_size * cfg.max_length, bf16=fsdp.uses_bf16(cfg, d.device),
+                       frozen_bytes=frozen_bytes, checkpointing=cfg.gradient_checkpointing, offload=cfg.fsdp_cpu_offload)
+    report = {"world": d.world, "fsdp": cfg.fsdp, "shape": shape.__dict__, "plan": rows,
+              "plan_sharded_state": memory.sharded_state(shape, shards, frozen_bytes), "ranks": ranks}
+    (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
 def export_checkpoint(path: str | Path, output: str | Path, save_dtype: str | None = None, say=print) -> Path:
     """Write a step directory (OUTPUT/checkpoints/step-N) as an ordinary checkpoint directory, the way the
     run would have exported its model had it ended at that step: its base model (the run's `model`) with
     the saved trainable weights, LoRA merged (and the adapter written) as the run's config says."""
-    c = ckpt.load_checkpoint(path, extra=False)
+    state = ckpt.read_state(path)
+    sharded = state["format"] == ckpt.SHARDED_FORMAT
+    c = ckpt.Checkpoint(Path(path), {}, {}, state) if sharded else ckpt.load_checkpoint(path, extra=False)
     saved = {k: v for k, v in c.state["config"].items() if k in TrainConfig.field_names()}  # keys of any version
-    cfg = TrainConfig(**{**saved, "output": str(output), "resume": None})
+    cfg = TrainConfig(**{**saved, "output": str(output), "resume": None, "fsdp": False, "fsdp_cpu_offload": False})
     if save_dtype is not None:
         cfg.save_dtype = save_dtype
     cfg.validate()
@@ -355,7 +493,12 @@ def export_checkpoint(path: str | Path, output: str | Path, save_dtype: str | No
     processor = Qwen2AudioProcessor.from_pretrained(check_directory(cfg.model))  # the run's base model is still there
     model = setup.load_model(cfg, torch.device("cpu"))
     setup.prepare_trainable(model, cfg)
-    _load_trainable(model, c, "export")
+    if sharded:  # read on this one process: DCP gathers each saved shard into the whole tensor
+        if fsdp.trainable_names(path) != {n for n, p in model.named_parameters() if p.requires_grad}:
+            raise ckpt.CheckpointError(f"export {path}: its trainable weights do not match this model")
+        fsdp.load(Path(path), model)
+    else:
+        _load_trainable(model, c, "export")
     say(f"{c.path}: step {c.state['step']} of {c.state['total_steps']} ({cfg.stage}, from {cfg.model})")
     return setup.export(model, cfg, processor, say)
 

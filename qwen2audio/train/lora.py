@@ -189,7 +189,8 @@ def target_pattern(targets: list[str]) -> str:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "", dropout: float = 0.0,
-                 layout: str = "transformers5") -> Path:
+                 layout: str = "transformers5", weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+    """`weights`: {module path: (A, B)} to write instead of the modules' own (a sharded model's, gathered)."""
     modules = lora_modules(model)
     if not modules:
         raise LoRAError("the model has no LoRA adapters to save")
@@ -206,8 +207,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "", 
     tensors = {}
     for name, m in modules.items():
         path = module_path(name, layout)
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+        a, b = weights[name] if weights is not None else (m.lora_A.weight, m.lora_B.weight)
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.detach().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.detach().contiguous().cpu()
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),

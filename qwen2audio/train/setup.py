@@ -36,8 +36,9 @@ def load_model(cfg: TrainConfig, device: torch.device) -> Qwen2AudioModel:
     return Qwen2AudioModel.from_pretrained(cfg.model, device=device, dtype=DTYPES[cfg.model_dtype])
 
 
-def prepare_trainable(model: Qwen2AudioModel, cfg: TrainConfig) -> list[str]:
-    """Freeze everything, then open the chosen parts (or put LoRA adapters in them). Returns LoRA targets."""
+def prepare_trainable(model: Qwen2AudioModel, cfg: TrainConfig, upcast: bool = True) -> list[str]:
+    """Freeze everything, then open the chosen parts (or put LoRA adapters in them). Returns LoRA targets.
+    `upcast=False` leaves trainable weights in their dtype (FSDP casts them unit by unit as it shards)."""
     model.requires_grad_(False)
     parts = trainable_parts(cfg)
     targets: list[str] = []
@@ -48,7 +49,7 @@ def prepare_trainable(model: Qwen2AudioModel, cfg: TrainConfig) -> list[str]:
         for part in parts:
             part_module(model, part).requires_grad_(True)
         model.audio_tower.embed_positions.requires_grad_(False)  # Whisper's fixed sinusoids, as in the reference
-    for p in model.parameters():
+    for p in model.parameters() if upcast else ():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # optimizer updates in float32 whatever the frozen weights use
     return targets
@@ -118,8 +119,19 @@ def export(model: Qwen2AudioModel, cfg: TrainConfig, processor: Qwen2AudioProces
         if not cfg.merge_lora:
             return out / "adapter"
         lora_lib.merge_lora(model)
-    dtype = checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
+    dtype = export_dtype(cfg)
     model.save_pretrained(out, dtype=dtype)
+    write_side_files(cfg, processor, out)
+    say(f"model written to {out} ({str(dtype).removeprefix('torch.')})")
+    return out
+
+
+def export_dtype(cfg: TrainConfig) -> torch.dtype:
+    return checkpoint_dtype(cfg.model) if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
+
+
+def write_side_files(cfg: TrainConfig, processor: Qwen2AudioProcessor, out: Path) -> None:
+    """Everything of a checkpoint directory besides config.json and the weights."""
     processor.save_pretrained(out)
     generation = Path(cfg.model) / "generation_config.json"
     if generation.is_file():
@@ -127,8 +139,6 @@ def export(model: Qwen2AudioModel, cfg: TrainConfig, processor: Qwen2AudioProces
     else:
         tok = processor.tokenizer
         (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.im_end_id, tok.endoftext_id]}) + "\n")
-    say(f"model written to {out} ({str(dtype).removeprefix('torch.')})")
-    return out
 
 
 __all__ = ["autocast", "build_optimizer", "enable_gradient_checkpointing", "export", "load_model", "prepare_trainable",
