@@ -26,6 +26,7 @@ from qwen2audio.eval import runner
 from qwen2audio.eval.backends import text_after_audio
 from qwen2audio.eval.client import ChatClient, EndpointError
 from qwen2audio.eval.data import read_qwen_jsonl
+from qwen2audio.engine.scheduler import PromptTooLong
 from qwen2audio.eval.tasks import SCORERS, get_task
 
 from tiny import sine
@@ -413,7 +414,7 @@ def test_one_bad_item_is_recorded_not_fatal_but_a_dead_server_is(bench, tmp_path
     class Picky(CountingBackend):
         def generate(self, mode, requests):
             if any("item 1" in text for text, _ in requests):
-                raise ValueError("prompt too long for the model")
+                raise PromptTooLong("prompt too long for the model")
             return super().generate(mode, requests)
 
     out = tmp_path / "out"
@@ -431,6 +432,13 @@ def test_one_bad_item_is_recorded_not_fatal_but_a_dead_server_is(bench, tmp_path
 
     with pytest.raises(EndpointError, match="no answer"):
         runner.generate("raw", items, Down(), tmp_path, batch_size=3, progress=False)
+
+    class Buggy(CountingBackend):
+        def generate(self, mode, requests):
+            raise ValueError("a bug in the backend, not a bad item")
+
+    with pytest.raises(ValueError, match="a bug"):  # not recorded as the item's failure
+        runner.generate("raw", items, Buggy(), tmp_path / "bug", batch_size=3, progress=False)
 
 
 def test_cli_rerun_answers_only_what_is_missing(bench, tiny_checkpoint, tmp_path, monkeypatch):

@@ -121,20 +121,20 @@ def _load(item: Item):
         return None, "file not found"
     try:
         return load_audio(item.audio, name=item.audio), None
-    except ValueError as e:  # AudioError
+    except Qwen2AudioError as e:  # AudioError
         return None, str(e).removeprefix(f"{item.audio}: ")
 
 
 def _answers(backend, mode: str, requests: list) -> list:
-    """One answer per request, or the ValueError that request alone raises.
+    """One answer per request, or the user-facing error (Qwen2AudioError) that request alone raises.
 
-    When a batch fails on its content (a ValueError such as a prompt too long for the model), each
+    When a batch fails on its content (such as a prompt too long for the model), each
     item is tried alone, so that one bad item is reported instead of stopping every rerun at the
     same place. Failures of the machinery itself (a server that is down) are raised.
     """
     try:
         return backend.generate(mode, requests)
-    except ValueError as e:
+    except Qwen2AudioError as e:
         if getattr(e, "fatal", False):
             raise
         if len(requests) == 1:
@@ -143,7 +143,7 @@ def _answers(backend, mode: str, requests: list) -> list:
     for request in requests:
         try:
             out += backend.generate(mode, [request])
-        except ValueError as e:
+        except Qwen2AudioError as e:
             if getattr(e, "fatal", False):
                 raise
             out.append(e)

@@ -291,8 +291,9 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         return completion(rid, config.model_name, text, last.finish_reason, last.prompt_tokens, last.completion_tokens,
                           logprobs)
 
-    async def answer_or_failure(endpoint: str, request: Request, seq: Sequence, bridge: _Bridge):
-        """Wait for a whole answer: ((text, last), None), or (None, response) when the client left or generation failed."""
+    async def answer_or_failure(endpoint: str, request: Request, seq: Sequence, bridge: _Bridge, last_part: bool = True):
+        """Wait for a whole answer: ((text, last Output, Outputs), None), or (None, response) when the client left or
+        generation failed. A request answered in several parts (verbose_json's windows) is counted at its last."""
         result = await gather(request, seq, bridge)
         if result is None:
             metrics.record(endpoint, 499)
@@ -300,7 +301,8 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         if result[1].finish_reason == "error":
             metrics.record(endpoint, 500)
             return None, JSONResponse(error_body(500, result[1].error or "generation failed"), status_code=500)
-        metrics.record(endpoint, 200, **timings(seq))
+        if last_part:
+            metrics.record(endpoint, 200, **timings(seq))
         return result, None
 
     async def stream_chat(rid: str, seq: Sequence, bridge: _Bridge, include_usage: bool, logprobs: int | None):
@@ -402,7 +404,8 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results = []
         for i, (seq, bridge) in enumerate(submitted):
-            result, failure = await answer_or_failure("transcriptions", request, seq, bridge)
+            result, failure = await answer_or_failure("transcriptions", request, seq, bridge,
+                                                      last_part=i == len(submitted) - 1)
             if failure is not None:
                 for other, _ in submitted[i + 1:]:
                     engine.cancel(other)
