@@ -11,6 +11,7 @@ import torch
 
 from .chat import asr_prompt, raw_prompt
 from .engine import SamplingParams, generate_steps
+from .engine.detokenize import Detokenizer
 from .errors import Qwen2AudioError
 from .model import Qwen2AudioModel
 from .processor import Qwen2AudioProcessor
@@ -124,7 +125,7 @@ class Pipeline:
     # ---- running -----------------------------------------------------------------------------
     def _run(self, inputs, params: SamplingParams) -> list[str]:
         B = inputs["input_ids"].shape[0]
-        decoders = [_Answer(self.tokenizer, params.stop) for _ in range(B)]
+        decoders = [Detokenizer(self.tokenizer, params.stop) for _ in range(B)]
         for step in generate_steps(self.model, inputs, params, self.stop_ids | set(params.stop_token_ids)):
             for i, tok in enumerate(step.tokens):
                 if tok is not None and not decoders[i].stopped:
@@ -136,7 +137,7 @@ class Pipeline:
         return [d.text for d in decoders]
 
     def _stream(self, inputs, params: SamplingParams) -> Iterator[str]:
-        answer = _Answer(self.tokenizer, params.stop)
+        answer = Detokenizer(self.tokenizer, params.stop)
         for step in generate_steps(self.model, inputs, params, self.stop_ids | set(params.stop_token_ids)):
             tok = step.tokens[0]
             if tok is not None:
@@ -148,44 +149,6 @@ class Pipeline:
         tail = answer.flush()
         if tail:
             yield tail
-
-
-class _Answer:
-    """Accumulates one row's tokens into text, holding back what could be the start of a stop string."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.decoder = tokenizer.stream_decoder()
-        self.stop = [s for s in stop if s]
-        self.text = ""  # decoded so far, cut at a stop string
-        self.sent = 0  # chars already handed out
-        self.stopped = False
-
-    def _append(self, piece: str) -> None:
-        self.text += piece
-        for s in self.stop:
-            cut = self.text.find(s)
-            if cut != -1:
-                self.text, self.stopped = self.text[:cut], True
-
-    def push(self, token_id: int) -> str:
-        self._append(self.decoder.push(token_id))
-        safe = len(self.text)
-        if not self.stopped:
-            # Keep back a tail that is a prefix of some stop string, so it is never streamed out.
-            for s in self.stop:
-                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                    if self.text.endswith(s[:k]):
-                        safe = min(safe, len(self.text) - k)
-                        break
-        piece, self.sent = self.text[self.sent:safe], max(self.sent, safe)
-        return piece
-
-    def flush(self) -> str:
-        """End of generation: release the decoder's held-back bytes and any kept-back stop prefix."""
-        if not self.stopped:
-            self._append(self.decoder.flush())
-        piece, self.sent = self.text[self.sent:], len(self.text)
-        return piece
 
 
 def strip_tags(text: str) -> str:

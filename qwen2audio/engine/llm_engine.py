@@ -32,6 +32,7 @@ from ..model.qwen2_audio import Qwen2AudioModel
 from ..tokenizer import Tokenizer
 from .audio_cache import AudioEmbeddingCache
 from .cuda_graphs import DecodeGraphs, enabled
+from .detokenize import Detokenizer
 from .inputs import PromptInputs
 from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
 from .scheduler import FINISHED, Output, Scheduler, Sequence
@@ -227,10 +228,8 @@ class LLMEngine:
 
     # ---- per-row sampling and bookkeeping ---------------------------------------------------
     def _init_sampling(self, seq: Sequence) -> None:
-        from ..api import _Answer  # the Python API's stop-string handling, shared so both cut alike
-
         p = seq.params
-        seq.answer = _Answer(self.tokenizer, p.stop)
+        seq.answer = Detokenizer(self.tokenizer, p.stop)
         if p.seed is not None and not p.greedy:
             seq.generator = torch.Generator(device=self.model.device).manual_seed(p.seed)
         if p.repetition_penalty != 1.0:

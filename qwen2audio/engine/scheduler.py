@@ -71,7 +71,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     # per-request sampling state, made at admission
-    answer: object = None  # api._Answer: text with stop strings cut
+    answer: object = None  # detokenize.Detokenizer: the streamed text, cut at a stop string
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # (V,) bool, only with a repetition penalty
     step_logprobs: tuple | None = None  # the last sampled token's (id, logprob, top alternatives), when asked
