@@ -193,3 +193,29 @@ def test_full_queue_answers_429_and_recovers(server):
         t.join(60)  # closing the stream freed the slot: the waiting request ran
     assert waiting_result["r"].status_code == 200
     assert waiting_result["r"].json()["usage"]["completion_tokens"] == 5
+
+
+def test_a_path_outside_the_media_dir_is_refused_before_the_filesystem_is_asked(media_dir, monkeypatch):
+    """No existence oracle: /etc/passwd and /etc/nonexistent get the same 403, decided from the text alone."""
+    import os
+    import pathlib
+
+    from qwen2audio.server.errors import APIError
+    from qwen2audio.server.media import MediaPolicy, local_path
+
+    policy = MediaPolicy(allowed_local_dir=media_dir[0])
+
+    def touched(*args, **kwargs):
+        raise AssertionError("the filesystem was asked about a path outside the media directory")
+
+    for name in ("resolve", "exists", "is_file", "stat", "lstat"):
+        monkeypatch.setattr(pathlib.Path, name, touched)
+    monkeypatch.setattr(os, "stat", touched)
+    monkeypatch.setattr(os, "lstat", touched)
+    answers = set()
+    for path in ("/etc/passwd", "/etc/nonexistent", f"{media_dir[0]}/../outside0/secret.wav", "../../etc/passwd"):
+        with pytest.raises(APIError) as err:
+            local_path(path, policy, "p")
+        assert err.value.status == 403 and err.value.code == "forbidden_path"
+        answers.add(err.value.message.replace(path, "PATH"))
+    assert len(answers) == 1
