@@ -265,7 +265,8 @@ def verbose_transcription(results, language: str, duration: float, window: float
         lps = [lp for o in outs for _, lp, _ in o.logprobs or []]
         data = text.encode()
         segments.append({
-            "id": i, "seek": round(i * window * 100), "start": i * window, "end": min((i + 1) * window, duration),
+            "id": i, "seek": round(i * window * 100), "start": i * window,
+            "end": duration if i == len(results) - 1 else (i + 1) * window,  # a tail under 321 samples joins the last
             "text": text, "tokens": [t for o in outs for t in o.token_ids], "temperature": temperature,
             "avg_logprob": sum(lps) / len(lps) if lps else 0.0,
             "compression_ratio": len(data) / len(zlib.compress(data)) if data else 0.0,
