@@ -157,8 +157,11 @@ def strip_tags(text: str) -> str:
 
 
 def load(path: str | Path | None = None, device: str | None = None, dtype=None, progress: bool = True,
-         truncate: bool = False) -> Pipeline:
-    """Load a checkpoint directory (or the bundled model when `path` is None) for inference."""
+         truncate: bool = False, quantize: str | None = None) -> Pipeline:
+    """Load a checkpoint directory (or the bundled model when `path` is None) for inference.
+
+    `quantize="int8" | "int4"` replaces the LLM's linear layers by weight-only quantised ones after
+    loading (qwen2audio.quant); the checkpoint on disk stays full precision."""
     if path is None:
         path = bundled_model_dir()
         if path is None:
@@ -167,6 +170,10 @@ def load(path: str | Path | None = None, device: str | None = None, dtype=None, 
     device = device or default_device()
     model = Qwen2AudioModel.from_pretrained(directory, device=device, dtype=resolve_dtype(dtype, device),
                                             progress=progress)
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize)
     processor = Qwen2AudioProcessor.from_pretrained(directory)
     if processor.tokenizer.audio_id != model.config.audio_token_index:
         raise CheckpointError(

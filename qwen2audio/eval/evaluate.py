@@ -79,7 +79,8 @@ def _local_backend(args, progress: bool):
 
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    pipe = api.load(args.model, device=device, dtype=args.dtype, progress=progress, truncate=not args.full_audio)
+    pipe = api.load(args.model, device=device, dtype=args.dtype, progress=progress, truncate=not args.full_audio,
+                    quantize=getattr(args, "quantize", None))
     return LocalBackend(pipe, sampling)
 
 

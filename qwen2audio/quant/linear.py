@@ -1,0 +1,221 @@
+"""Weight-only int8 / int4 linear layers that replace nn.Linear (gpt-fast's quantize.py, by module swap).
+
+    Int8Linear  per output channel:  W[n, k] ~= q[n, k] * scale[n],                 q in [-127, 127]
+    Int4Linear  per group of G inputs: W[n, k] ~= (q[n, k] - 8) * scale[g, n] + zero[g, n], q in [0, 15]
+                (asymmetric: a group's min maps to q = 0 and its max to q = 15; g = k // G)
+
+Only the weights are low-bit; activations stay floating point. Each layer picks its kernel once, when
+it is built, from its device and shape (never per call on a flag):
+
+- CPU: PyTorch's packed kernels `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu` with
+  bfloat16 activations (the bf16 variants are the fast ones: with float32 activations the int8 kernel
+  is several times slower than a float32 matmul). They read 1 or ~0.6 bytes per weight instead of 4,
+  which is what batch-1 decoding is bound by. Their outputs are cast back to the input dtype.
+  Large row counts (prefill) go through the same kernels: see `PREFILL_ROWS` below.
+- anything else (CUDA, shapes a packed kernel refuses): dequantise, then `F.linear` in the input dtype.
+  Correct everywhere; not a fast path.
+
+The state dict of a quantised layer holds the *dequantised* weight under `weight` (exactly the values
+the kernel multiplies by), so `save_pretrained` on a quantised model writes an ordinary checkpoint that
+transformers reads, and quantising those weights again on load gives back the same codes and scales:
+identical logits (tests/test_quant.py checks both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8_MAX = 127  # symmetric codes -127..127 (-128 unused, so the scale maps max|w| exactly)
+INT4_LEVELS = 15  # codes 0..15
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
+KERNEL_DTYPE = torch.bfloat16  # activation dtype of the packed CPU kernels
+
+
+def _packed_cpu_ok(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+# ---- the CPU int4 kernel's packed layout ----------------------------------------------------------
+# aten._convert_weight_to_int4pack_for_cpu (aten/src/ATen/native/cpu/int4mm_kernel.cpp) packs rows in
+# blocks of BLOCK_N = 4 x the float vector width (32 with AVX2, 64 with AVX-512). For each k, a full block
+# stores BLOCK_N / 2 bytes: the low nibbles hold rows 0..BLOCK_N/2-1, the high nibbles the rest; a shorter
+# last block (16, 32 or 48 rows) pairs rows (2j, 2j+1) in byte j. We read codes back only to save a
+# quantised model; which layout this build uses is checked once against the packer itself, and a machine
+# where neither matches gets the dequantising path instead of a wrong answer.
+def _unpack_int4(packed: torch.Tensor, N: int, K: int, block: int) -> torch.Tensor:
+    flat = packed.reshape(-1)
+    nfull, tail = divmod(N, block)
+    full = flat[: nfull * block * K // 2].reshape(nfull, K, block // 2)
+    rows = torch.cat([full & 15, full >> 4], dim=2).permute(0, 2, 1).reshape(nfull * block, K)
+    last = flat[nfull * block * K // 2:].reshape(K, tail // 2)
+    rest = torch.stack([last & 15, last >> 4], dim=-1).reshape(K, tail).t()
+    return torch.cat([rows, rest]).to(torch.int32)
+
+
+_INT4_BLOCK: list = []  # [block size or None], filled on first use
+
+
+def int4_cpu_block() -> int | None:
+    """The packer's BLOCK_N on this machine (checked by round trip), or None when no known layout fits."""
+    if not _INT4_BLOCK:
+        probe = torch.randint(0, 16, (64 + 48, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        found = None
+        for block in (32, 64):
+            if torch.equal(_unpack_int4(packed, *probe.shape, block), probe):
+                found = block
+                break
+        _INT4_BLOCK.append(found)
+    return _INT4_BLOCK[0]
+
+
+def unpack_int4_cpu(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Codes (N, K) int32 from aten._convert_weight_to_int4pack_for_cpu's output."""
+    return _unpack_int4(packed, N, K, int4_cpu_block())
+
+
+class QuantLinear(nn.Module):
+    """Shared shape handling: (..., in_features) -> (..., out_features) in the input's dtype."""
+
+    kernel: str  # which path forward takes, fixed at construction ("int8pack", "int4pack", "dequant")
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # (rows, out)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # (rows, in) -> (rows, out)
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in) this layer multiplies by."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}"
+
+    # A checkpoint of a quantised model is an ordinary one: the dequantised weight under `weight`.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.dequantize()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        self._set_weight(state_dict[key].to(self._device()))
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            else:
+                missing_keys.append(prefix + "bias")
+
+    def _device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantLinear):
+    """int8 codes (out, in) with one scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", torch.empty(0, dtype=torch.int8, device=weight.device))
+        self.register_buffer("scales", torch.empty(0, dtype=KERNEL_DTYPE, device=weight.device))
+        # The packed kernel segfaults for in_features not a multiple of 8 (torch 2.13): require 16.
+        packed = _packed_cpu_ok(weight.device) and in_features % 16 == 0
+        self.kernel = "int8pack" if packed else "dequant"
+        self._set_weight(weight)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float (out, in) -> int8 codes (out, in), bf16 scales (out,). The scale is rounded to bf16 first
+        (the kernel's dtype) and the codes computed against the rounded scale."""
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=1e-12).to(KERNEL_DTYPE)
+        codes = torch.round(w / scales.float()[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return codes, scales
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        self.qweight, self.scales = self.quantize(weight)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int8pack":
+            return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.qweight, self.scales)
+        return F.linear(x, (self.qweight.to(x.dtype) * self.scales.to(x.dtype)[:, None]))
+
+
+class Int4Linear(QuantLinear):
+    """4-bit codes in groups of `group_size` inputs, each group with its own scale and zero point."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32):
+        out_features, in_features = weight.shape
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        if in_features % group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of the int4 group size {group_size}")
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
+        # The CPU packer needs out_features % 16 == 0 (e.g. a tiny vocabulary of 403 is not).
+        packed = _packed_cpu_ok(weight.device) and out_features % 16 == 0 and int4_cpu_block() is not None
+        self.kernel = "int4pack" if packed else "dequant"
+        self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8, device=weight.device))
+        self.register_buffer("scales_and_zeros", torch.empty(0, dtype=KERNEL_DTYPE, device=weight.device))
+        self._set_weight(weight)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float (out, in) -> codes (out, in) int32 in 0..15, scales_and_zeros (in / G, out, 2) bf16.
+        Scale and zero are rounded to bf16 first and the codes computed against the rounded values."""
+        N, K = weight.shape
+        w = weight.detach().float().reshape(N, K // group_size, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, groups)
+        scales = ((hi - lo) / INT4_LEVELS).clamp(min=1e-12).to(KERNEL_DTYPE)
+        zeros = (lo + 8 * scales.float()).to(KERNEL_DTYPE)  # the value of code 8
+        codes = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None]) + 8
+        codes = codes.clamp(0, INT4_LEVELS).to(torch.int32).reshape(N, K)
+        scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()  # (groups, N, 2)
+        return codes, scales_and_zeros
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        codes, self.scales_and_zeros = self.quantize(weight, self.group_size)
+        if self.kernel == "int4pack":
+            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # (N, K / 2) uint8
+        else:
+            self.qweight = codes.to(torch.uint8)  # unpacked, one code per byte
+
+    def _codes(self) -> torch.Tensor:
+        if self.kernel == "dequant":
+            return self.qweight
+        return unpack_int4_cpu(self.qweight, self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        codes = self._codes().float()  # (N, K)
+        s = self.scales_and_zeros[..., 0].float().t().repeat_interleave(self.group_size, dim=1)  # (N, K)
+        z = self.scales_and_zeros[..., 1].float().t().repeat_interleave(self.group_size, dim=1)
+        return (codes - 8) * s + z
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int4pack":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), self.qweight, self.group_size,
+                                                              self.scales_and_zeros)
+        return F.linear(x, self.dequantize().to(x.dtype))
