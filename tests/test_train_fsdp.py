@@ -216,6 +216,51 @@ def test_export_checkpoint_writes_a_sharded_step_as_the_run_did(runs, tmp_path):
     assert max_diff(out, tmp_path / "x") == 0.0
 
 
+# ---- LoRA under FSDP ----------------------------------------------------------------------------
+def test_fsdp_lora_equals_plain_lora_and_merges_while_streaming(data, tmp_path):
+    """One process (a group of one): the sharded LoRA run, its adapter and its streamed merge against the
+    replicated trainer's; adapters in the audio tower too, so the tower is sharded per encoder layer."""
+    common = dict(model=data["base"], data=data["sft"], max_steps=4, lr=1e-2, batch_size=2, lora=True, lora_r=4,
+                  lora_dropout=0.0, freeze_audio_tower=False, gradient_checkpointing=True, progress=False, device="cpu")
+    plain = train(TrainConfig(output=str(tmp_path / "plain"), **common))
+    sharded = train(TrainConfig(output=str(tmp_path / "fsdp"), fsdp=True, **common))
+    assert [r["loss"] for r in sharded.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-5)
+    adapter = "adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "plain" / adapter), load_file(tmp_path / "fsdp" / adapter)
+    assert a.keys() == b.keys() and any("audio_tower" in k for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert json.loads((tmp_path / "plain" / "adapter" / "adapter_config.json").read_text()) == \
+        json.loads((tmp_path / "fsdp" / "adapter" / "adapter_config.json").read_text())
+    assert max_diff(tmp_path / "plain", tmp_path / "fsdp") < 1e-5  # merged tensor by tensor while streaming
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_lora_bf16_and_dpo(runs, data, tmp_path):
+    """2 ranks: LoRA in every part with bf16 compute, gradient checkpointing and text-only batches; then DPO
+    (full weights, the reference a sharded frozen copy; held-out pairs split unevenly over the ranks)."""
+    lora = ok(_run(_train_cmd(data, tmp_path / "lora", 2, "--batch-size", "1", "--lora", "--bf16",
+                              "--gradient-checkpointing", "--unfreeze", "audio_tower", "--set", "model_dtype=bfloat16")))
+    assert "bf16 compute, float32 reduction and masters" in lora.stdout
+    losses = [m["loss"] for m in metrics(tmp_path / "lora")]
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+
+    ok(runs["straight"].result())
+    pairs = [json.loads(line) for line in Path(data["sft"]).read_text().splitlines()]
+    for r in pairs:
+        r["rejected_response"] = r["messages"][1]["content"]
+        r["messages"][1]["content"] = "I hear " + r["messages"][1]["content"]
+    (tmp_path / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:5]))
+    cmd = _train_cmd(data, tmp_path / "dpo", 2, "--stage", "dpo", "--batch-size", "1", "--eval-data",
+                     str(tmp_path / "dev.jsonl"), "--eval-every", "10")
+    cmd[cmd.index("--model") + 1] = str(runs["root"] / "straight")
+    cmd[cmd.index("--data") + 1] = str(tmp_path / "dpo.jsonl")
+    ok(_run(cmd))
+    last = metrics(tmp_path / "dpo")[-1]
+    assert last["eval_rewards/accuracy"] == 1.0 and last["eval_pairs"] == 5 and last["eval_loss"] < 0.5
+
+
 # ---- fast checks without processes -------------------------------------------------------------
 def test_lockstep_padding_gives_every_rank_as_many_batches():
     for n in range(1, 12):

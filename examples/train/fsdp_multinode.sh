@@ -9,7 +9,7 @@
 # another number of nodes or GPUs (keep batch_size x grad_accum x GPUs, the global batch, the same).
 # With a scheduler (SLURM: srun on each node) set MASTER to the first node's host name and JOB_ID to the job's.
 set -euo pipefail
-: "${MASTER:?set MASTER to the first node's address}"
+: "${MASTER:?set MASTER to the address of the first node}"
 NNODES=${NNODES:-2}
 GPUS=${GPUS:-8}
 PORT=${PORT:-29500}

@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import Qwen2AudioError
+
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
@@ -36,7 +38,7 @@ SHARDED_FORMAT = 2
 SHARDED = "dcp"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Qwen2AudioError):
     """A checkpoint that is missing, incomplete or does not fit this run."""
 
 

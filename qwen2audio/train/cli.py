@@ -103,12 +103,12 @@ def register(subparsers) -> dict:
 
 
 def config_from_args(args):
-    from .config import TrainConfig
+    from .config import TrainConfig, TrainConfigError
 
     values = {k: getattr(args, k) for k in FLAG_KEYS if hasattr(args, k)}
     both = set(getattr(args, "freeze", [])) & set(getattr(args, "unfreeze", []))
     if both:
-        raise ValueError(f"--freeze and --unfreeze both name {', '.join(sorted(both))}")
+        raise TrainConfigError(f"--freeze and --unfreeze both name {', '.join(sorted(both))}")
     for flag, frozen in (("freeze", True), ("unfreeze", False)):
         for part in getattr(args, flag, []):
             values[f"freeze_{part}"] = frozen

@@ -18,6 +18,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
+from ..errors import Qwen2AudioError
+
 STAGES = ("pretrain", "sft", "dpo")
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,7 +29,7 @@ DPO_REFERENCES = ("copy", "precompute")
 ALL_LINEAR = "all-linear"
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(Qwen2AudioError):
     """An invalid training configuration (unknown key, bad value, conflicting options)."""
 
 

@@ -224,14 +224,15 @@ def load(path: Path, model, optimizer=None) -> None:
         set_model_state_dict
 
     where = str(Path(path) / ckpt.SHARDED)
+    alone = not dist.is_initialized()  # e.g. export-checkpoint: one process reads every shard
     if optimizer is None:
         model_sd = get_model_state_dict(model, options=_options())
-        dcp.load({"model": model_sd}, checkpoint_id=where)
+        dcp.load({"model": model_sd}, checkpoint_id=where, no_dist=alone)
         set_model_state_dict(model, model_sd, options=_options())
         return
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=where)
+    dcp.load(state, checkpoint_id=where, no_dist=alone)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options())
 
 

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import Qwen2AudioError
 from ..weights import canonical_key
 from .config import ALL_LINEAR
 
@@ -50,7 +51,7 @@ def module_path(name: str, layout: str) -> str:
     return name
 
 
-class LoRAError(ValueError):
+class LoRAError(Qwen2AudioError):
     """Bad LoRA options or an adapter that does not fit the model."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..chat import TASK_PROMPTS, raw_prompt
+from ..errors import Qwen2AudioError
 
 TARGET_SEP = " "
 TASKS = ("asr", "caption", "emotion", "vocal_sound", "translation", "custom")
@@ -35,7 +36,7 @@ LANGUAGES = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(Qwen2AudioError):
     """A pre-training record that cannot be turned into a prompt and target."""
 
 

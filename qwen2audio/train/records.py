@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 from ..audio import AudioError, load_audio
 from ..chat import MessageError, render_chat
+from ..errors import Qwen2AudioError
 from ..features import num_audio_tokens, num_valid_frames, split_windows
 from ..tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, ENDOFTEXT, IM_END, Tokenizer
 from .pretrain_tasks import TaskError, example_from_record
@@ -30,11 +31,11 @@ TAG = "<audio>"  # ms-swift's audio placeholder in message text
 RESERVED = (AUDIO, AUDIO_BOS, AUDIO_EOS)
 
 
-class RecordError(ValueError):
+class RecordError(Qwen2AudioError):
     """One record's problem (reported with its file:line)."""
 
 
-class DataError(ValueError):
+class DataError(Qwen2AudioError):
     """A data file that cannot be used; `problems` lists every bad record as `file:line: reason`."""
 
     def __init__(self, message: str, problems: list[str] | None = None):
