@@ -5,8 +5,8 @@ every rank: about 16 bytes per trained parameter, 135 GB for Qwen2-Audio-7B, mor
 Here each rank keeps 1/N of them:
 
 - every decoder layer, every encoder layer (when the audio tower trains), the token embeddings and
-  lm_head (when untied) are a unit of their own: gathered just before their forward (and again for
-  backward), freed after it, their gradients reduce-scattered in float32;
+  lm_head (when untied) and the projector are a unit of their own: gathered just before their forward
+  (and again for backward), freed after it, their gradients reduce-scattered in float32;
 - with bf16 the gathered copies and the compute are bf16 while the shards (the optimizer's master
   weights) stay float32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`);
 - a frozen audio tower is not sharded: it has no gradients and no optimizer state, it is 1.3 GB in bf16
@@ -127,11 +127,6 @@ def _always_run_audio(model: nn.Module) -> None:
     model.forward = forward_with_audio  # an instance attribute: FSDP's hooks on __call__ still run around it
 
 
-def set_gradient_sync(model: nn.Module, sync: bool) -> None:
-    """Skip the reduce-scatter on all but the last micro-batch of a step (FSDP2's no_sync)."""
-    model.set_requires_gradient_sync(sync)
-
-
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -176,7 +171,7 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
             out["grads"] += g.numel() * g.element_size()
     for state in optimizer.state.values():
         for v in state.values():
-            if torch.is_tensor(v) and v.numel() > 1:
+            if torch.is_tensor(v) and v.ndim > 0:  # AdamW's moments, not its 0-dim step count
                 v = local_tensor(v)
                 out["optimizer"] += v.numel() * v.element_size()
     return out

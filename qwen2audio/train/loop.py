@@ -1,6 +1,6 @@
 """The training loop, explicit and top to bottom (in the spirit of nanoGPT / torchtune).
 
-    train(cfg): set up ranks -> data -> model (freeze / LoRA / checkpointing) -> optimizer -> resume?
+    train(cfg): set up ranks -> data -> model (freeze / LoRA / checkpointing / FSDP) -> optimizer -> resume?
                 -> for each step: lr, micro-batches, forward + backward, clip, AdamW step, log,
                    evaluate, checkpoint -> export the final checkpoint directory.
 """
@@ -23,8 +23,7 @@ from tqdm import tqdm
 from ..processor import Qwen2AudioProcessor
 from ..weights import check_directory
 from . import checkpoint as ckpt
-from . import fsdp
-from . import distributed, memory, setup
+from . import distributed, fsdp, memory, setup
 from .config import TrainConfig, TrainConfigError
 from .data import BatchStream, Collate, ExampleDataset, eval_batches
 from .objectives import DPOObjective, LMObjective, logits_of, precompute_reference
@@ -112,8 +111,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
     targets = setup.prepare_trainable(model, cfg, upcast=not cfg.fsdp)
     if cfg.gradient_checkpointing:
         setup.enable_gradient_checkpointing(model, cfg)
-    shape = memory.Shape.of(model)
-    sharding = None
+    shape = memory.Shape.of(model)  # counted before sharding: whole tensors
     if cfg.fsdp:
         sharding = fsdp.shard(model, cfg, d.device, d.world)
         say(f"FSDP: {sharding['units']} units sharded over {d.world} rank(s)"
