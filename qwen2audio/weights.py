@@ -1,5 +1,8 @@
 """Checkpoint directories in the Hugging Face layout: safetensors only (never pickle), sharded and
-memory-mapped on load; both key layouts that transformers has written are accepted."""
+memory-mapped on load; both key layouts that transformers has written are accepted.
+
+Plain tensor I/O: names -> tensors and back. It knows no model class (the model builds itself from what
+`read_checkpoint` returns, in `Qwen2AudioModel.from_pretrained`), so imports run one way: model -> weights."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, Qwen2AudioConfig
+from .config import ConfigError
 from .errors import Qwen2AudioError
 
 LM_HEAD = "language_model.lm_head.weight"
@@ -69,19 +72,11 @@ def check_directory(path: str | Path) -> Path:
     return directory
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: bool = False):
-    """Build the model on the meta device, then assign memory-mapped tensors (no double allocation)."""
-    from .model import Qwen2AudioModel
-
-    directory = check_directory(path)
-    cfg = Qwen2AudioConfig.from_file(directory)
+def read_checkpoint(directory: Path, device="cpu", dtype: torch.dtype | None = None,
+                    progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory under its canonical (released-layout) name, memory-mapped, moved
+    to `device` and floating-point ones cast to `dtype` (None keeps the stored dtype)."""
     files = shard_files(directory)
-    with torch.device("meta"):
-        model = Qwen2AudioModel(cfg)
-    expected = {k for k in model.state_dict()}
-    # transformers 4.x tied on text_config's flag, 5.x on the top-level one (and in practice never for
-    # Qwen2-Audio, storing lm_head anyway). So: a stored lm_head that differs from the embeddings wins.
-    tie_flag = cfg.text_config.tie_word_embeddings or bool(cfg.extra.get("tie_word_embeddings"))
     state: dict[str, torch.Tensor] = {}
     bar = _progress(files, progress, directory.name)
     for file in files:
@@ -91,35 +86,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, progress: b
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     if bar is not None:
         bar.close()
-    embed = state.get("language_model.model.embed_tokens.weight")
-    # Re-tie when the stored lm_head is just the tied copy (as we write it), so training keeps them one.
-    tied = tie_flag and (LM_HEAD not in state or (embed is not None and torch.equal(state[LM_HEAD], embed)))
-    if tied:
-        state.pop(LM_HEAD, None)
-        expected.discard(LM_HEAD)
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory}: weights do not match the config"
-            + (f"; missing {len(missing)}: {_short(missing)}" if missing else "")
-            + (f"; unexpected {len(unexpected)}: {_short(unexpected)}" if unexpected else "")
-        )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(model.get_parameter(name).shape):
-            raise CheckpointError(
-                f"{directory}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(model.get_parameter(name).shape)}"
-            )
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-    # Non-persistent buffers (RoPE tables) were created on meta: rebuild them for real.
-    lm = model.language_model.model
-    from .model.qwen2 import rope_tables
-
-    cos, sin = rope_tables(cfg.text_config.head_dim, cfg.text_config.max_position_embeddings, cfg.text_config.rope_theta)
-    lm.rope_cos, lm.rope_sin = cos.to(device), sin.to(device)
-    model.eval()
-    return model
+    return state
 
 
 def _read_shard(file: Path, state: dict, device, dtype, bar=None) -> None:
@@ -132,18 +99,12 @@ def _read_shard(file: Path, state: dict, device, dtype, bar=None) -> None:
                 bar.update(tensor.numel() * tensor.element_size())
 
 
-def save_model(model, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json + safetensors shards (+ index) atomically enough: each file via a temp name."""
-    directory = Path(path)
+def write_checkpoint(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `state` as model.safetensors, or as model-0000i-of-0000N.safetensors shards + index when it is
+    larger than `max_shard_bytes`; each file through a temporary name, stale shards removed first."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.save(directory)
-    state = {}
-    # lm_head is always written (a copy when tied): every transformers version then reads it right.
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        t = tensor.detach().clone() if name == LM_HEAD else tensor.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        state[name] = t.contiguous().cpu()
+    state = {name: t.contiguous().cpu() for name, t in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -179,10 +140,6 @@ def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
             os.unlink(tmp)
 
 
-def _short(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
-
-
 def _progress(files: list[Path], enabled: bool, label: str):
     """A byte-level bar (a 16 GB checkpoint is often one or a few shards), or None."""
     if not enabled:
@@ -193,4 +150,5 @@ def _progress(files: list[Path], enabled: bool, label: str):
     return tqdm(total=total, desc=f"loading {label}", unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "canonical_key", "shard_files"]
+__all__ = ["CheckpointError", "ConfigError", "canonical_key", "check_directory", "read_checkpoint", "shard_files",
+           "write_checkpoint"]

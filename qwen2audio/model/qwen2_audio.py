@@ -10,8 +10,9 @@ from torch import nn
 
 from ..config import Qwen2AudioConfig
 from ..errors import AudioTokenMismatch, Qwen2AudioError
+from ..weights import LM_HEAD, CheckpointError, check_directory, read_checkpoint, write_checkpoint
 from .encoder import AudioEncoder
-from .qwen2 import KVCache, Qwen2ForCausalLM, RowKVCache
+from .qwen2 import KVCache, Qwen2ForCausalLM, RowKVCache, rope_tables
 
 
 class MultiModalProjector(nn.Module):
@@ -164,11 +165,56 @@ class Qwen2AudioModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None,
                         progress: bool = False) -> "Qwen2AudioModel":
-        from ..weights import load_model
-
-        return load_model(path, device=device, dtype=dtype, progress=progress)
+        """Build on the meta device, then assign the memory-mapped tensors weights.py reads (no double allocation);
+        strict: missing, unexpected or misshapen tensors are a CheckpointError naming them."""
+        directory = check_directory(path)
+        cfg = Qwen2AudioConfig.from_file(directory)
+        state = read_checkpoint(directory, device=device, dtype=dtype, progress=progress)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = set(model.state_dict())
+        # transformers 4.x tied on text_config's flag, 5.x on the top-level one (and in practice never for
+        # Qwen2-Audio, storing lm_head anyway). So: a stored lm_head that differs from the embeddings wins.
+        tie_flag = cfg.text_config.tie_word_embeddings or bool(cfg.extra.get("tie_word_embeddings"))
+        embed = state.get("language_model.model.embed_tokens.weight")
+        # Re-tie when the stored lm_head is just the tied copy (as we write it), so training keeps them one.
+        tied = tie_flag and (LM_HEAD not in state or (embed is not None and torch.equal(state[LM_HEAD], embed)))
+        if tied:
+            state.pop(LM_HEAD, None)
+            expected.discard(LM_HEAD)
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{directory}: weights do not match the config"
+                + (f"; missing {len(missing)}: {_short(missing)}" if missing else "")
+                + (f"; unexpected {len(unexpected)}: {_short(unexpected)}" if unexpected else "")
+            )
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(model.get_parameter(name).shape):
+                raise CheckpointError(f"{directory}: {name} has shape {tuple(tensor.shape)}, config implies "
+                                      f"{tuple(model.get_parameter(name).shape)}")
+        model.load_state_dict(state, strict=False, assign=True)
+        if tied:
+            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+        # Non-persistent buffers (RoPE tables) were created on meta: rebuild them for real.
+        t = cfg.text_config
+        cos, sin = rope_tables(t.head_dim, t.max_position_embeddings, t.rope_theta)
+        lm = model.language_model.model
+        lm.rope_cos, lm.rope_sin = cos.to(device), sin.to(device)
+        return model.eval()
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30):
-        from ..weights import save_model
+        """config.json + safetensors shards in the released layout; lm_head is always written (a copy when
+        tied), so that every transformers version reads it right."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        state = {}
+        for name, tensor in self.state_dict(keep_vars=False).items():
+            t = tensor.detach().clone() if name == LM_HEAD else tensor.detach()
+            state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        write_checkpoint(state, directory, max_shard_bytes=max_shard_bytes)
 
-        save_model(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+def _short(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
