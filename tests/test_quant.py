@@ -96,7 +96,7 @@ def test_dequantising_path_matches_the_packed_kernel():
 def test_int4_unpack_reads_the_cpu_packed_layout(n):
     codes = torch.randint(0, 16, (n, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(unpack_int4_cpu(packed, n, 64), codes)
+    assert torch.equal(unpack_int4_cpu(packed, n, 64, torch.int32), codes)
 
 
 def test_bad_options():
@@ -243,7 +243,7 @@ def test_serve_with_quantize_answers_concurrent_requests_as_each_alone(tiny_chec
         questions = ["What's that sound?", "Transcribe the speech.", "How about this one?", "hello world"]
 
         def ask(q):
-            body = {"model": "x", "messages": [{"role": "user", "content": q}], "max_tokens": 10, "temperature": 0}
+            body = {"model": directory.name, "messages": [{"role": "user", "content": q}], "max_tokens": 10, "temperature": 0}
             r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["message"]["content"]
