@@ -8,7 +8,7 @@ from tiny import sine
 import qwen2audio
 from qwen2audio.chat import raw_prompt
 from qwen2audio.engine import SamplingParams, generate_steps
-from qwen2audio.engine.sampling import apply_repetition_penalty, choose_tokens
+from qwen2audio.engine.sampling import Sampler, apply_repetition_penalty, choose_tokens
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,84 @@ def test_repetition_penalty_matches_reference_rule():
     seen = torch.zeros(2, 30, dtype=torch.bool).scatter(1, ids, True)
     expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
     assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+
+MIXED = [  # one batch, every row its own options
+    SamplingParams(),
+    SamplingParams(temperature=1.2, top_p=0.9, seed=3),
+    SamplingParams(temperature=0.7, top_k=5, seed=4),
+    SamplingParams(temperature=1.0, top_k=1, seed=5),
+    SamplingParams(repetition_penalty=1.4),
+    SamplingParams(temperature=1.5, top_p=0.5, top_k=20, repetition_penalty=1.2, seed=6),
+]
+
+
+def sampled_alone_and_together(steps=6, V=300):
+    """Each row's tokens over `steps` steps: sampled in one batch of all rows, and each row in a sampler alone."""
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(len(MIXED), V, generator=gen) * 3 for _ in range(steps)]
+    prompts = [torch.randint(0, V, (7,), generator=gen) for _ in MIXED]
+    together = Sampler(len(MIXED), V, "cpu")
+    for row, (p, ids) in enumerate(zip(MIXED, prompts)):
+        together.add(row, p, ids)
+    batched = torch.stack([together.sample(step)[0] for step in logits], 1)  # (rows, steps)
+    alone = []
+    for row, (p, ids) in enumerate(zip(MIXED, prompts)):
+        single = Sampler(1, V, "cpu")
+        single.add(0, p, ids)
+        alone.append(torch.cat([single.sample(step[row: row + 1])[0] for step in logits]))
+    return batched, torch.stack(alone), logits
+
+
+def test_batched_sampler_rows_equal_each_row_alone():
+    """Seeded rows draw only from their own generator, so a row samples the same alone or in any batch, and
+    greedy, top-k=1 and penalty rows stay exact argmaxes next to sampled ones."""
+    batched, alone, logits = sampled_alone_and_together()
+    assert torch.equal(batched, alone)
+    assert torch.equal(batched[0], torch.stack([step[0].argmax() for step in logits]))
+    assert torch.equal(batched[3], torch.stack([step[3].argmax() for step in logits]))  # top_k=1
+    assert not torch.equal(batched[1], torch.stack([step[1].argmax() for step in logits]))  # really sampled
+    again, _, _ = sampled_alone_and_together()
+    assert torch.equal(batched[[1, 2, 3, 5]], again[[1, 2, 3, 5]])  # seeded rows are reproducible
+
+
+def test_sampler_applies_each_rows_penalty_and_top_k():
+    V = 50
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(1))
+    top = logits.argmax(-1)
+    sampler = Sampler(3, V, "cpu")
+    sampler.add(0, SamplingParams(repetition_penalty=100.0), [int(top[0])])  # its best token was in the prompt
+    sampler.add(1, SamplingParams(), [int(top[1])])  # no penalty: the same prompt id changes nothing
+    sampler.add(2, SamplingParams(temperature=1.0, top_k=3, seed=0), [])
+    picks = set()
+    for _ in range(40):
+        tokens, ok = sampler.sample(logits)
+        assert int(tokens[1]) == int(top[1]) and bool(ok.all())
+        picks.add(int(tokens[2]))
+        sampler.seen[0] = False  # keep row 0's seen set to the prompt only
+        sampler.seen[0, top[0]] = True
+    assert int(tokens[0]) != int(top[0])
+    assert picks <= set(logits[2].topk(3).indices.tolist()) and len(picks) > 1
+
+
+def test_a_row_with_nan_probabilities_fails_alone():
+    V = 40
+    logits = torch.randn(3, V)
+    logits[1, 5] = float("nan")
+    sampler = Sampler(3, V, "cpu")
+    for row in range(3):
+        sampler.add(row, SamplingParams(temperature=1.0, seed=row), [])
+    tokens, ok = sampler.sample(logits)
+    assert ok.tolist() == [True, False, True]
+    alone = Sampler(1, V, "cpu")
+    alone.add(0, SamplingParams(temperature=1.0, seed=2), [])
+    assert int(tokens[2]) == int(alone.sample(logits[2:])[0][0])
+
+
+def test_seeded_batch_rows_equal_one_by_one(pipe):
+    conversations = [analysis(sine(1.0, 300, seed=1)), analysis(sine(2.0, 500, seed=2), "Describe it.")]
+    kw = dict(max_new_tokens=12, temperature=1.3, top_p=0.9, top_k=40, seed=11)
+    assert pipe.chat_batch(conversations, **kw) == [pipe.chat(c, **kw) for c in conversations]
 
 
 def test_invalid_sampling_params_are_rejected():

@@ -217,8 +217,8 @@ def test_requests_admitted_together_are_prefilled_in_one_batch(pipe, monkeypatch
     convs = [conv(i) for i in range(4)] + [[{"role": "user", "content": "hello world"}]]
     alone = [pipe.chat(c, max_new_tokens=10) for c in convs]
     engine = engine_for(pipe, max_batch=8, batch_prefill=True)  # the default on CUDA only
-    batches, real = [], engine._prefill_logits
-    monkeypatch.setattr(engine, "_prefill_logits", lambda seqs: batches.append(len(seqs)) or real(seqs))
+    batches, real = [], engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda seqs: batches.append(len(seqs)) or real(seqs))
     seqs = [engine.submit(prepare_chat(pipe.tokenizer, c), SamplingParams(max_new_tokens=10)) for c in convs]
     run_until_idle(engine)
     assert batches == [5]  # different prompt lengths: one right-padded batch
@@ -230,15 +230,15 @@ def test_a_request_failing_in_a_batched_prefill_fails_alone(pipe, monkeypatch):
     alone = [pipe.chat(c, max_new_tokens=8) for c in convs]
     engine = engine_for(pipe, max_batch=4, batch_prefill=True)
     prompts = [prepare_chat(pipe.tokenizer, c) for c in convs]
-    batches, real_prefill, real_encode = [], engine._prefill_logits, engine._encode
+    batches, real_prefill, real_encode = [], engine.runner.prefill, engine.runner.encode
 
     def encode(prompt):
         if prompt is prompts[1]:
             raise RuntimeError("CUDA out of memory (simulated)")
         return real_encode(prompt)
 
-    monkeypatch.setattr(engine, "_encode", encode)
-    monkeypatch.setattr(engine, "_prefill_logits", lambda seqs: batches.append(len(seqs)) or real_prefill(seqs))
+    monkeypatch.setattr(engine.runner, "encode", encode)
+    monkeypatch.setattr(engine.runner, "prefill", lambda seqs: batches.append(len(seqs)) or real_prefill(seqs))
     seqs = [engine.submit(p, SamplingParams(max_new_tokens=8)) for p in prompts]
     run_until_idle(engine)
     outputs = [result(s) for s in seqs]

@@ -13,7 +13,7 @@ import torch
 
 from ..model.qwen2_audio import Qwen2AudioModel
 from .cuda_graphs import decode_graphs_for
-from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
+from .sampling import Sampler, SamplingParams
 from .scheduler import PromptTooLong
 
 
@@ -59,27 +59,22 @@ def _steps(model, input_ids, key_mask, embeds, params, stop_ids, max_len, graphs
     full_mask = torch.zeros(B, max_len, dtype=torch.bool, device=device)
     full_mask[:, :T] = key_mask
     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-    generator = None
-    if params.seed is not None and not params.greedy:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        vocab = model.config.text_config.vocab_size
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids.masked_fill(~key_mask, 0), key_mask)
+    sampler = Sampler(B, model.config.text_config.vocab_size, device)  # the engine's sampler: rows sample alike
+    for i in range(B):
+        sampler.add(i, params, input_ids[i][key_mask[i]])
 
     stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model.decode(embeds, full_mask, cache, offset=0, positions=positions, last_only=True)[:, -1]
     next_pos = positions[:, -1:] + 1
     for step in range(params.max_new_tokens):
-        logits = logits.float()
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        tokens = choose_tokens(logits, params, generator)
+        tokens, ok = sampler.sample(logits.float())
         is_stop = torch.isin(tokens, stop)
         newly_done = done | is_stop
-        host_tokens, host_done, host_prev = torch.stack([tokens, newly_done.long(), done.long()]).tolist()  # one sync
+        rows = [tokens, newly_done.long(), done.long()] + ([] if ok is None else [ok.long()])
+        host_tokens, host_done, host_prev, *host_ok = torch.stack(rows).tolist()  # one sync
+        if host_ok and not all(host_ok[0]):
+            raise RuntimeError("sampling failed: the probabilities are not finite (inf or NaN logits)")
         yield StepOutput(
             tokens=[None if (host_prev[i] or host_done[i]) else t for i, t in enumerate(host_tokens)],
             finished=[bool(d) for d in host_done],
@@ -87,8 +82,6 @@ def _steps(model, input_ids, key_mask, embeds, params, stop_ids, max_len, graphs
         done = newly_done
         if all(host_done) or step == params.max_new_tokens - 1:
             return
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
         offset = T + step
         full_mask[:, offset] = ~done  # finished rows stop contributing keys
         if graphs is not None:

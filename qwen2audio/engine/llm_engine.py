@@ -8,8 +8,12 @@ One background thread owns the model and runs `step()` = schedule -> run -> post
   CPU each alone (there the batch only delays the first ones' first tokens);
 - run: one batched decode step over every running row, each at its own position (`RowKVCache`),
   each attending over its own keys only;
-- postprocess: sample every row with its own parameters, stream text to its consumer, and free the
-  rows of finished requests at once.
+- postprocess: sample every row with its own parameters in one batched pass (`Sampler`), stream text to
+  its consumer (`Detokenizer`), and free the rows of finished requests at once.
+
+The parts: `ModelRunner` (model_runner.py) makes the tensors and runs the model, `Sampler` (sampling.py)
+chooses tokens, `Detokenizer` (detokenize.py) turns them into text, `Scheduler` (scheduler.py) owns the
+queue and the rows; this class owns the request lifecycle, the thread and the statistics.
 
 A request's greedy answer equals the one it gets alone (`Pipeline.chat`): its prefill attends only to
 its own tokens and a decode row never sees another row's keys.
@@ -27,22 +31,18 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import Qwen2AudioError
-from ..features import log_mel_spectrogram
 from ..model.qwen2_audio import Qwen2AudioModel
 from ..tokenizer import Tokenizer
-from .audio_cache import AudioEmbeddingCache
-from .cuda_graphs import DecodeGraphs, enabled
 from .detokenize import Detokenizer
 from .inputs import PromptInputs
-from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens
+from .model_runner import ModelRunner, kv_bytes_per_token
+from .sampling import Sampler, SamplingParams, token_logprobs
 from .scheduler import FINISHED, Output, Scheduler, Sequence
 
 log = logging.getLogger("qwen2audio.engine")
 
-
-def kv_bytes_per_token(model: Qwen2AudioModel) -> int:
-    t = model.config.text_config
-    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+COUNTERS = ("steps", "prefills", "decode_steps", "prompt_tokens", "generated_tokens", "peak_running",
+            "audio_windows_encoded", "finished_stop", "finished_length", "finished_cancelled", "finished_error")
 
 
 class LLMEngine:
@@ -69,15 +69,12 @@ class LLMEngine:
                                  f"lower the maximum model length")
         if slots < 1:
             raise Qwen2AudioError("max_batch must be >= 1")
-        self.cache = model.new_cache(slots, self.max_len)  # (layers, slots, kv_heads, max_len, head_dim)
-        self.kv_cache_bytes = 2 * self.cache.k.numel() * self.cache.k.element_size()
-        self.graphs = DecodeGraphs(model, self.cache) if enabled(model) else None  # CUDA: decode steps as graphs
-        self.scheduler = Scheduler(slots, self.max_len, max_queue, prefill_token_budget)
-        self.audio_cache = AudioEmbeddingCache(audio_cache_bytes)
         # Every key exists from the start, so that stats() readers on other threads never see the dict grow.
-        self.counters: Counter = Counter(dict.fromkeys(
-            ["steps", "prefills", "decode_steps", "prompt_tokens", "generated_tokens", "peak_running",
-             "audio_windows_encoded", "finished_stop", "finished_length", "finished_cancelled", "finished_error"], 0))
+        self.counters: Counter = Counter(dict.fromkeys(COUNTERS, 0))
+        self.runner = ModelRunner(model, slots, self.max_len, tokenizer.pad_id, self.counters, audio_cache_bytes,
+                                  self.n_mels)
+        self.sampler = Sampler(slots, model.config.text_config.vocab_size, model.device)
+        self.scheduler = Scheduler(slots, self.max_len, max_queue, prefill_token_budget)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -86,6 +83,11 @@ class LLMEngine:
     @property
     def num_slots(self) -> int:
         return self.scheduler.num_slots
+
+    # the runner's parts, as they were before it was split out
+    kv_cache_bytes = property(lambda self: self.runner.kv_cache_bytes)
+    graphs = property(lambda self: self.runner.graphs)
+    audio_cache = property(lambda self: self.runner.audio_cache)
 
     def submit(self, prompt: PromptInputs, params: SamplingParams, sink: Callable[[Output], None] | None = None,
                ignore_eos: bool = False, request_id: str | None = None, arrival: float | None = None) -> Sequence:
@@ -127,9 +129,7 @@ class LLMEngine:
         return {
             "running": len(self.scheduler.running), "waiting": self.scheduler.queue_depth,
             "slots": self.num_slots, "free_slots": self.scheduler.free_slots, "max_model_len": self.max_len,
-            "audio_cache_hits": self.audio_cache.hits, "audio_cache_misses": self.audio_cache.misses,
-            "audio_cache_entries": len(self.audio_cache), "audio_cache_bytes": self.audio_cache.bytes,
-            **self.counters,
+            **self.runner.stats(), **self.counters,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -166,104 +166,53 @@ class LLMEngine:
         one request's audio runs out of memory), each request is retried alone, so only the failing one fails."""
         if len(seqs) > 1 and self.batch_prefill:
             try:
-                logits = self._prefill_logits(seqs)
+                logits = self.runner.prefill(seqs)
             except Exception:
                 log.exception("batched prefill of %d requests failed; prefilling them one at a time", len(seqs))
             else:
                 return self._first_tokens(seqs, logits)
         for seq in seqs:
             try:
-                logits = self._prefill_logits([seq])
+                logits = self.runner.prefill([seq])
             except Exception as e:  # e.g. out of memory on a huge prompt: this request fails, not the server
                 log.exception("prefill of %s failed", seq.request_id)
                 self._finish(seq, "error", error=f"prefill failed: {e}")
                 continue
             self._first_tokens([seq], logits)
 
-    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        model, device = self.model, self.model.device
-        lengths = [s.prompt_len for s in seqs]
-        ids = torch.full((len(seqs), max(lengths)), self.tokenizer.pad_id, dtype=torch.long)
-        audio = []
-        for i, s in enumerate(seqs):
-            ids[i, : lengths[i]] = torch.tensor(s.prompt.ids)
-            audio += self._encode(s.prompt) or []
-        ids = ids.to(device)
-        ends = torch.tensor(lengths, device=device)
-        key_mask = torch.arange(ids.shape[1], device=device)[None, :] < ends[:, None]
-        embeds = model.embed(ids, audio or None)
-        rows = self.cache.rows(seqs[0].row, seqs[0].row + len(seqs))
-        return model.decode(embeds, key_mask, rows, offset=0, at=ends - 1)[:, -1].float()
-
     def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         for seq in seqs:
-            self._init_sampling(seq)
+            seq.answer = Detokenizer(self.tokenizer, seq.params.stop)
+            self.sampler.add(seq.row, seq.params, seq.prompt.ids)
             self.counters["prefills"] += 1
             self.counters["prompt_tokens"] += seq.prompt_len
             seq.pos = seq.prompt_len
         self._postprocess(seqs, self._sample(logits, seqs))
 
     def _decode(self) -> None:
-        """One token for every running row; row i writes at position pos_i and reads keys 0..pos_i."""
         seqs = list(self.scheduler.running)
-        device = self.model.device
-        positions = [s.pos for s in seqs]
-        pos = torch.tensor(positions, device=device)
-        span = max(positions) + 1
-        tokens = torch.tensor([s.last_token for s in seqs], device=device)
-        if self.graphs is not None:
-            logits = self.graphs(tokens, pos, pos, torch.arange(span, device=device)[None, :] <= pos[:, None])
-        else:
-            mask = None  # rows at one common position see exactly their own keys: no mask needed
-            if min(positions) != span - 1:
-                beyond = torch.arange(span, device=device)[None, :] > pos[:, None]  # (B, span)
-                mask = torch.zeros(beyond.shape, dtype=self.model.dtype, device=device).masked_fill_(beyond, float("-inf"))
-                mask = mask[:, None, None, :]  # (B, 1, 1, span)
-            logits = self.model.decode_rows(tokens, pos, mask, self.cache, span).float()  # (B, V)
+        logits = self.runner.decode(seqs)
         self.counters["decode_steps"] += 1
         self.counters["peak_running"] = max(self.counters["peak_running"], len(seqs))
         for s in seqs:
             s.pos += 1
         self._postprocess(seqs, self._sample(logits, seqs))
 
-    # ---- per-row sampling and bookkeeping ---------------------------------------------------
-    def _init_sampling(self, seq: Sequence) -> None:
-        p = seq.params
-        seq.answer = Detokenizer(self.tokenizer, p.stop)
-        if p.seed is not None and not p.greedy:
-            seq.generator = torch.Generator(device=self.model.device).manual_seed(p.seed)
-        if p.repetition_penalty != 1.0:
-            vocab = self.model.config.text_config.vocab_size
-            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.model.device)
-            seq.seen[torch.tensor(seq.prompt.ids, device=self.model.device)] = True
-
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | str]:
-        """logits (B, V) float32 -> one token per row, each with its request's parameters (an error
-        message instead of a token for a row whose sampling failed). Rows that asked for log-probabilities
-        get them in `seq.step_logprobs`, from the model's own distribution (before penalty and sampling)."""
-        wanted = {i: logits[i].log_softmax(-1) for i, s in enumerate(seqs) if s.params.logprobs is not None}
-        for i, s in enumerate(seqs):
-            if s.seen is not None:
-                logits[i] = apply_repetition_penalty(logits[i], s.seen, s.params.repetition_penalty)
-        tokens = logits.argmax(-1)
-        failed = {}
-        for i, s in enumerate(seqs):
-            if not s.params.greedy:
-                try:
-                    tokens[i] = choose_tokens(logits[i : i + 1], s.params, s.generator)[0]
-                except RuntimeError as e:  # e.g. NaN probabilities: only this row fails
-                    failed[i] = f"sampling failed: {e}"
-        host = tokens.tolist()  # the one host sync of the step (and one more per row that wants logprobs)
-        for i, (s, t) in enumerate(zip(seqs, host)):
-            if i in failed:
-                host[i] = failed[i]
-                continue
-            if s.seen is not None:
-                s.seen[t] = True
-            if i in wanted:
-                lp = wanted[i]
-                top = lp.topk(s.params.logprobs) if s.params.logprobs else None
-                s.step_logprobs = (t, float(lp[t]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
+        """logits (B, V) float32 of consecutive rows -> one token per row, each with its request's parameters (an
+        error message instead of a token for a row whose sampling failed), with one host sync. Rows that asked for
+        log-probabilities get them in `seq.step_logprobs`, from the model's own distribution (before penalty and
+        sampling)."""
+        tokens, ok = self.sampler.sample(logits, first=seqs[0].row)  # the rows are consecutive
+        host, *host_ok = torch.stack([tokens] + ([] if ok is None else [ok.long()])).tolist()
+        if host_ok:
+            host = [t if good else "sampling failed: the probabilities are not finite (inf or NaN logits)"
+                    for t, good in zip(host, host_ok[0])]
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and isinstance(host[i], int)]
+        if wanted:
+            rows = token_logprobs(logits, wanted, [seqs[i].params.logprobs for i in wanted], host)
+            for i, lp in zip(wanted, rows):
+                seqs[i].step_logprobs = lp
         return host
 
     def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> None:
@@ -301,9 +250,8 @@ class LLMEngine:
             moved = self.scheduler.release(seq)
             if moved is not None:  # keep running rows contiguous: the last row takes the freed one
                 src, dst = moved
-                n = self.scheduler.running[dst].pos
-                self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
-                self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
+                self.runner.move_row(src, dst, self.scheduler.running[dst].pos)
+                self.sampler.move(src, dst)
         seq.status, seq.finish_reason, seq.error = FINISHED, reason, error
         seq.finish_time = time.perf_counter()
         self.counters[f"finished_{reason}"] += 1
@@ -317,21 +265,6 @@ class LLMEngine:
             seq.sink(out)
         except Exception:  # a consumer's bug must not stop the other requests
             log.exception("output sink of %s failed", seq.request_id)
-
-    def _encode(self, prompt: PromptInputs) -> list[torch.Tensor] | None:
-        """Audio embeddings per window; only windows missing from the cache go through the tower."""
-        if not prompt.windows:
-            return None
-        out = [self.audio_cache.get(key) for key in prompt.keys]
-        missing = [i for i, e in enumerate(out) if e is None]
-        if missing:
-            feats, frame_mask = log_mel_spectrogram([prompt.windows[i] for i in missing], self.n_mels,
-                                                    device=self.model.device)
-            for i, emb in zip(missing, self.model.encode_audio(feats, frame_mask)):
-                out[i] = emb.clone()  # a view would keep the whole padded batch alive in the cache
-                self.audio_cache.put(prompt.keys[i], out[i])
-            self.counters["audio_windows_encoded"] += len(missing)
-        return out
 
 
 def iter_outputs(seq: Sequence, timeout: float | None = None) -> Iterator[Output]:

@@ -73,31 +73,151 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
     """CTRL-style penalty as in the reference: divide positive, multiply negative logits of seen tokens.
 
-    `seen` is a (B, V) boolean mask of tokens in the prompt or generated so far.
+    `seen` is a (B, V) boolean mask of tokens in the prompt or generated so far; `penalty` a number or a (B, 1)
+    tensor of per-row penalties (1 leaves a row exactly as it is).
     """
-    if penalty == 1.0:
+    if isinstance(penalty, (int, float)) and penalty == 1.0:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                generators: list[torch.Generator | None], top_k_max: int = 0,
+                need_top_p: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampled token per row, every row with its own options, in batched tensor ops.
+
+    logits (n, V) float32; temperature (n, 1) > 0; top_k (n, 1) long (0 = off) and its largest value (known on the
+    host: no sync); top_p (n, 1), inf = off, and `need_top_p` False when every row's is off. A row
+    with a generator draws from it alone (reproducible whatever else is in the batch: its own multinomial
+    draw is the only per-row op), the others share one draw from the default generator. Returns tokens (n,) and
+    ok (n,) bool: False where the row's probabilities are not finite (its token is then meaningless).
+    """
+    x = logits / temperature
+    if top_k_max > 0:
+        k_max = min(top_k_max, x.shape[-1])
+        kth = x.topk(k_max).values.gather(1, (top_k.clamp(1, k_max) - 1))  # each row's k-th largest value
+        kth = torch.where(top_k > 0, kth, float("-inf"))
+        x = x.masked_fill(x < kth, float("-inf"))
+    if need_top_p:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    probs = x.softmax(-1)
+    ok = torch.isfinite(probs).all(-1)
+    probs = torch.where(ok[:, None], probs, 1.0)  # a broken row must not make the shared draw fail for the others
+    tokens = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if len(shared) == len(generators):
+        tokens = torch.multinomial(probs, 1).squeeze(-1)
+    else:
+        if shared:
+            tokens[shared] = torch.multinomial(probs[shared], 1).squeeze(-1)
+        for i, g in enumerate(generators):
+            if g is not None:
+                tokens[i] = torch.multinomial(probs[i: i + 1], 1, generator=g)[0, 0]
+    return tokens, ok
+
+
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) float -> next token ids (B,)."""
+    """logits (B, V) float -> next token ids (B,), every row with the same options."""
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p (the first token always stays).
-        drop_sorted = probs.cumsum(-1) - probs >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    B = logits.shape[0]
+    column = lambda v, dtype=torch.float32: torch.full((B, 1), v, dtype=dtype, device=logits.device)  # noqa: E731
+    tokens, _ = sample_rows(logits.float(), column(params.temperature), column(params.top_k, torch.long),
+                            column(params.top_p if params.top_p < 1 else float("inf")), [None] * B if generator is None
+                            else [generator] * B, top_k_max=params.top_k, need_top_p=params.top_p < 1)
+    return tokens
+
+
+class Sampler:
+    """Sampling state of rows 0..num_rows-1 and the batched token choice, shared by the static generate loop and
+    the continuous-batching engine (so a request samples alike in both).
+
+    Each row's options live in device tensors, set once when the row is given a request (`add`) and moved with it
+    (`move`), so a step only slices the first B rows: greedy rows take the argmax, sampled rows go through one
+    batched temperature / top-k / top-p pass (`sample_rows`), and a repetition penalty is one `where` over the
+    rows' seen-token masks."""
+
+    def __init__(self, num_rows: int, vocab_size: int, device):
+        self.device = torch.device(device)
+        self.vocab_size = vocab_size
+        self.params: list[SamplingParams | None] = [None] * num_rows
+        self.generators: list[torch.Generator | None] = [None] * num_rows
+        self.temperature = torch.ones(num_rows, 1, device=self.device)
+        self.top_k = torch.zeros(num_rows, 1, dtype=torch.long, device=self.device)
+        self.top_p = torch.full((num_rows, 1), float("inf"), device=self.device)
+        self.penalty = torch.ones(num_rows, 1, device=self.device)
+        self.seen: torch.Tensor | None = None  # (num_rows, V) bool, made when a row first asks for a penalty
+
+    def add(self, row: int, params: SamplingParams, prompt_ids) -> None:
+        """Give `row` a new request: its options, its own generator when seeded, its prompt as seen tokens."""
+        self.params[row] = params
+        self.generators[row] = None
+        if not params.greedy:
+            if params.seed is not None:
+                self.generators[row] = torch.Generator(device=self.device).manual_seed(params.seed)
+            self.temperature[row] = params.temperature
+            self.top_k[row] = params.top_k
+            self.top_p[row] = params.top_p if params.top_p < 1 else float("inf")
+        self.penalty[row] = params.repetition_penalty
+        if params.repetition_penalty != 1.0 and self.seen is None:
+            self.seen = torch.zeros(len(self.params), self.vocab_size, dtype=torch.bool, device=self.device)
+        if self.seen is not None:
+            self.seen[row] = False
+            if params.repetition_penalty != 1.0:
+                ids = torch.as_tensor(prompt_ids, dtype=torch.long).to(self.device)
+                self.seen[row, ids[ids < self.vocab_size]] = True
+
+    def move(self, src: int, dst: int) -> None:
+        """The request of row `src` now lives in row `dst` (the engine keeps its running rows contiguous)."""
+        self.params[dst], self.generators[dst] = self.params[src], self.generators[src]
+        for t in (self.temperature, self.top_k, self.top_p, self.penalty) + ((self.seen,) if self.seen is not None else ()):
+            t[dst] = t[src]
+
+    def sample(self, logits: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B, V) float32 of rows first..first+B-1 -> next tokens (B,) and ok (B,) bool (None when no row
+        samples): False marks a row whose sampling failed (e.g. NaN probabilities); only its token is meaningless."""
+        B = logits.shape[0]
+        span = slice(first, first + B)
+        params = self.params[span]
+        if self.seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+            logits = apply_repetition_penalty(logits, self.seen[span], self.penalty[span])
+        tokens = logits.argmax(-1)
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        ok = None
+        if rows:
+            pick = slice(0, B) if len(rows) == B else torch.tensor(rows, device=self.device)
+            at = span if len(rows) == B else pick + first
+            sampled, row_ok = sample_rows(logits[pick], self.temperature[at], self.top_k[at], self.top_p[at],
+                                          [self.generators[first + i] for i in rows],
+                                          top_k_max=max(params[i].top_k for i in rows),
+                                          need_top_p=any(params[i].top_p < 1 for i in rows))
+            tokens[pick] = sampled
+            ok = torch.ones(B, dtype=torch.bool, device=self.device)
+            ok[pick] = row_ok
+        if self.seen is not None:
+            self.seen[span].scatter_(1, tokens[:, None], True)
+        return tokens, ok
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], ks: list[int], tokens: list[int]) -> list[tuple]:
+    """For each row in `rows` (of logits (B, V), the model's distribution before any sampling transform): the
+    chosen token's (id, logprob, [(alt_id, alt_logprob)] * k), k = `ks[j]`, with one host sync for them all."""
+    idx = torch.tensor(rows, device=logits.device)
+    lp = logits[idx].log_softmax(-1)
+    chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=logits.device)[:, None])[:, 0]
+    k_max = max(ks)
+    if k_max:
+        top = lp.topk(k_max)
+        chosen_host, ids, values = chosen.tolist(), top.indices.tolist(), top.values.tolist()
+    else:
+        chosen_host, ids, values = chosen.tolist(), [[]] * len(rows), [[]] * len(rows)
+    return [(tokens[i], c, list(zip(ids[j][:k], values[j][:k])))
+            for j, (i, k, c) in enumerate(zip(rows, ks, chosen_host))]

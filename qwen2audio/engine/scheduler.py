@@ -15,8 +15,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from ..errors import Qwen2AudioError
 from .inputs import PromptInputs
 from .sampling import SamplingParams
@@ -70,10 +68,8 @@ class Sequence:
     finish_time: float | None = None
     finish_reason: str | None = None
     error: str | None = None
-    # per-request sampling state, made at admission
+    # made at admission (the sampling state lives in the engine's Sampler, in this request's row)
     answer: object = None  # detokenize.Detokenizer: the streamed text, cut at a stop string
-    generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # (V,) bool, only with a repetition penalty
     step_logprobs: tuple | None = None  # the last sampled token's (id, logprob, top alternatives), when asked
     outputs: object = None  # queue.Queue of Outputs when submitted without a sink
 
