@@ -103,13 +103,15 @@ def transformers_model(model):
     cfg = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                       num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                       num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-                      rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=True)
+                      rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+                      tie_word_embeddings=c.tie_word_embeddings)
     with torch.device("meta"):
         ref = Qwen2ForCausalLM(cfg).eval()
     state = {k.removeprefix("language_model."): v for k, v in model.state_dict().items()
              if k.startswith("language_model.")}
     missing, unexpected = ref.load_state_dict(state, strict=False, assign=True)  # shares our fp32 tensors
-    ref.tie_weights()
+    if c.tie_word_embeddings:
+        ref.tie_weights()
     ref.model.rotary_emb.__init__(cfg)  # its buffers were built on meta
     assert not [k for k in missing if "rotary" not in k] and not unexpected, (missing, unexpected)
 
