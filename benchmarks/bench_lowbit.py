@@ -4,7 +4,7 @@ the same weights (the shipped Q4_K_M GGUF, and a Q8_0 made from it with llama.cp
 
 For each: batch-1 greedy decode (tokens/s after the first token, EOS ignored) and the prefill of a
 300-token prompt (tokens/s to the first logits). Every row is timed with the same number of threads,
-interleaved over repeats (median), both by the wall clock and by the process's CPU time: on a machine
+one contender after another (median of the repeats), both by the wall clock and by the process's CPU time: on a machine
 shared with other jobs the wall clock measures the scheduler, while CPU seconds per token still compare
 the implementations (with one thread, CPU time ~ the time the kernel itself took).
 
@@ -245,25 +245,28 @@ def main() -> None:
     bw = copy_bandwidth(args.threads)
     print(f"copy bandwidth: {bw:.1f} GB/s (read + written)")
 
-    contenders = []  # (name, run, bytes per decode step)
+    # Contenders are built one at a time and freed after their runs (all of them together need ~7 GB).
     base = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False)
-    tokenizer = base.tokenizer
-    ids = prompt_ids(tokenizer, args.prompt_tokens)
+    ids = prompt_ids(base.tokenizer, args.prompt_tokens)
     short = ids[:16]
-    contenders.append(("ours fp32", ours(base.model), llm_bytes(base.model)))
+
+    def load(dtype="float32", quantize=None):
+        def make():
+            m = qwen2audio.load(directory, device="cpu", dtype=dtype, progress=False, quantize=quantize).model
+            return ours(m), llm_bytes(m)
+        return make
+
+    makers = [("ours fp32", lambda: (ours(base.model), llm_bytes(base.model)))]
     if "transformers" not in skip:
         try:
-            contenders.append(("transformers fp32", transformers_model(base.model), llm_bytes(base.model)))
+            import transformers  # noqa: F401
         except ImportError:
             print("skipping transformers: not installed (pip install transformers)")
+        else:
+            makers.append(("transformers fp32", lambda: (transformers_model(base.model), llm_bytes(base.model))))
     if "bf16" not in skip:
-        m = qwen2audio.load(directory, device="cpu", dtype="bfloat16", progress=False).model
-        contenders.append(("ours bf16", ours(m), llm_bytes(m)))
-    for mode in ("int8", "int4"):
-        if mode not in skip:
-            m = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False, quantize=mode).model
-            contenders.append((f"ours {mode}", ours(m), llm_bytes(m)))
-    gc.collect()
+        makers.append(("ours bf16", load("bfloat16")))
+    makers += [(f"ours {mode}", load(quantize=mode)) for mode in ("int8", "int4") if mode not in skip]
     if "llama.cpp" not in skip:
         try:
             import llama_cpp  # noqa: F401
@@ -273,26 +276,29 @@ def main() -> None:
             gguf = find_gguf(Path(args.cache))
             if gguf is not None:
                 n_ctx = args.prompt_tokens + args.new_tokens + 16
-                contenders.append(("llama.cpp Q8_0", llama_cpp_runner(q8_0_from(gguf, args.threads), args.threads, n_ctx),
-                                   gguf_decode_bytes(q8_0_from(gguf, args.threads))))
-                contenders.append(("llama.cpp Q4_K_M", llama_cpp_runner(gguf, args.threads, n_ctx),
-                                   gguf_decode_bytes(gguf)))
+                q8 = q8_0_from(gguf, args.threads)
+                makers.append(("llama.cpp Q8_0", lambda: (llama_cpp_runner(q8, args.threads, n_ctx), gguf_decode_bytes(q8))))
+                makers.append(("llama.cpp Q4_K_M", lambda: (llama_cpp_runner(gguf, args.threads, n_ctx),
+                                                            gguf_decode_bytes(gguf))))
 
-    # Interleaved: each repeat runs every contender once, so a burst of background load hits all alike.
-    decode = {name: [] for name, _, _ in contenders}
-    prefill = {name: [] for name, _, _ in contenders}
-    for name, run, _ in contenders:  # warm-up
-        run(short, 4)
-    for r in range(args.repeats):
-        for name, run, _ in contenders:
+    contenders = []  # (name, bytes per decode step)
+    decode, prefill = {}, {}
+    for name, make in makers:
+        run, nbytes = make()
+        contenders.append((name, nbytes))
+        decode[name], prefill[name] = [], []
+        run(short, 4)  # warm-up
+        for r in range(args.repeats):
             stamps = run(short, args.new_tokens)
             (w0, c0), (w1, c1) = stamps[0], stamps[-1]
             n = len(stamps) - 1
             decode[name].append((n / (w1 - w0), n / max(c1 - c0, 1e-9)))
             first = run(ids, 1)[0]
             prefill[name].append((len(ids) / first[0], len(ids) / max(first[1], 1e-9)))
-            print(f"  repeat {r + 1}/{args.repeats} {name}: decode {decode[name][-1][0]:.1f} tok/s, "
-                  f"prefill {prefill[name][-1][0]:.0f} tok/s", flush=True)
+            print(f"  {name} {r + 1}/{args.repeats}: decode {decode[name][-1][0]:.1f} tok/s ({decode[name][-1][1]:.1f} "
+                  f"per cpu-s), prefill {prefill[name][-1][0]:.0f} tok/s ({prefill[name][-1][1]:.0f})", flush=True)
+        del run
+        gc.collect()
 
     def med(rows, i):
         return statistics.median(x[i] for x in rows)
@@ -306,12 +312,12 @@ def main() -> None:
     print("-" * len(header))
     rd, rc = med(decode[ref], 0), med(decode[ref], 1)
     rp = med(prefill[ref], 0)
-    for name, _, nbytes in contenders:
+    for name, nbytes in contenders:
         d, c, p, pc = med(decode[name], 0), med(decode[name], 1), med(prefill[name], 0), med(prefill[name], 1)
         gbs = nbytes * d / 1e9
         print(f"{name:18s} {nbytes / 1e6:8.0f} {d:7.1f} {c:7.1f} {gbs:6.1f} {100 * gbs / bw:5.0f}% {d / rd:7.2f} "
               f"{c / rc:10.2f} | {p:8.0f} {pc:7.0f} {p / rp:7.2f}")
-    names = [n for n, _, _ in contenders]
+    names = [n for n, _ in contenders]
     for ours_name, anchor in (("ours int8", "llama.cpp Q8_0"), ("ours int4", "llama.cpp Q4_K_M")):
         if ours_name in names and anchor in names:
             print(f"{ours_name} / {anchor}: decode {med(decode[ours_name], 0) / med(decode[anchor], 0):.2f} "
