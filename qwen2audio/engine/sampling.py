@@ -86,42 +86,52 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) 
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                generators: list[torch.Generator | None], top_k_max: int = 0,
-                need_top_p: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                generators: list[torch.Generator | None], top_k_max: int = 0, need_top_p: bool = True,
+                all_top_k: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampled token per row, every row with its own options, in batched tensor ops.
 
     logits (n, V) float32; temperature (n, 1) > 0; top_k (n, 1) long (0 = off) and its largest value (known on the
-    host: no sync); top_p (n, 1), inf = off, and `need_top_p` False when every row's is off. A row
-    with a generator draws from it alone (reproducible whatever else is in the batch: its own multinomial
-    draw is the only per-row op), the others share one draw from the default generator. Returns tokens (n,) and
-    ok (n,) bool: False where the row's probabilities are not finite (its token is then meaningless).
+    host: no sync); top_p (n, 1), inf = off, and `need_top_p` False when every row's is off. The draw is by
+    inverse CDF: one uniform number per row (a search in the row's cumulative probabilities), so a row with a
+    generator draws one number from it alone (reproducible whatever else is in the batch: that draw is the only
+    per-row op) and the others share one draw from the default generator. Returns tokens (n,) and ok (n,) bool:
+    False where the row's probabilities are not finite (its token is then meaningless). `all_top_k`: every row
+    has top_k > 0 (known on the host), so only each row's top_k_max best tokens are sorted and searched.
     """
     x = logits / temperature
-    if top_k_max > 0:
-        k_max = min(top_k_max, x.shape[-1])
-        kth = x.topk(k_max).values.gather(1, (top_k.clamp(1, k_max) - 1))  # each row's k-th largest value
-        kth = torch.where(top_k > 0, kth, float("-inf"))
-        x = x.masked_fill(x < kth, float("-inf"))
+    n, V = x.shape
+    if all_top_k:  # every row keeps at most k_max tokens: work on those candidates only, sorted by topk
+        x, order = x.topk(min(top_k_max, V))  # (n, k_max), descending
+        x = x.masked_fill(torch.arange(x.shape[1], device=x.device)[None, :] >= top_k, float("-inf"))
+        # (ties at the k-th value: topk keeps exactly k, where a full-row mask at the k-th value would keep all)
+    else:
+        order = None
+        kth = None
+        if top_k_max > 0:
+            k_max = min(top_k_max, V)
+            kth = torch.where(top_k > 0, x.topk(k_max).values.gather(1, top_k.clamp(1, k_max) - 1), float("-inf"))
+            x = x.masked_fill(x < kth, float("-inf"))
     if need_top_p:
-        sorted_x, order = x.sort(dim=-1, descending=True)
+        if order is None:
+            sorted_x, by = x.sort(dim=-1, descending=True)
+        else:
+            sorted_x, by = x, None  # already sorted
         probs = sorted_x.softmax(-1)
         # Drop a token when the mass before it already reaches top_p (the first token always stays).
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
-    probs = x.softmax(-1)
-    ok = torch.isfinite(probs).all(-1)
-    probs = torch.where(ok[:, None], probs, 1.0)  # a broken row must not make the shared draw fail for the others
-    tokens = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if len(shared) == len(generators):
-        tokens = torch.multinomial(probs, 1).squeeze(-1)
-    else:
-        if shared:
-            tokens[shared] = torch.multinomial(probs[shared], 1).squeeze(-1)
-        for i, g in enumerate(generators):
-            if g is not None:
-                tokens[i] = torch.multinomial(probs[i: i + 1], 1, generator=g)[0, 0]
-    return tokens, ok
+        drop = probs.cumsum(-1) - probs >= top_p
+        x = x.masked_fill(drop if by is None else torch.zeros_like(drop).scatter(-1, by, drop), float("-inf"))
+    cdf = x.softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
+    ok = torch.isfinite(total[:, 0])  # a NaN or inf probability makes the row's total NaN
+    u = torch.rand(n, 1, device=x.device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand(1, generator=g, device=g.device)
+    # strictly below the total, so the search never runs past the last token with probability > 0
+    value = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    # (a broken row's search gives a meaningless token, in range, and fails no other row)
+    picked = torch.searchsorted(cdf, value, right=True).clamp_(0, x.shape[1] - 1)
+    return (picked if order is None else order.gather(1, picked))[:, 0], ok
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -132,7 +142,8 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     column = lambda v, dtype=torch.float32: torch.full((B, 1), v, dtype=dtype, device=logits.device)  # noqa: E731
     tokens, _ = sample_rows(logits.float(), column(params.temperature), column(params.top_k, torch.long),
                             column(params.top_p if params.top_p < 1 else float("inf")), [None] * B if generator is None
-                            else [generator] * B, top_k_max=params.top_k, need_top_p=params.top_p < 1)
+                            else [generator] * B, top_k_max=params.top_k, need_top_p=params.top_p < 1,
+                            all_top_k=params.top_k > 0)
     return tokens
 
 
@@ -141,9 +152,9 @@ class Sampler:
     the continuous-batching engine (so a request samples alike in both).
 
     Each row's options live in device tensors, set once when the row is given a request (`add`) and moved with it
-    (`move`), so a step only slices the first B rows: greedy rows take the argmax, sampled rows go through one
-    batched temperature / top-k / top-p pass (`sample_rows`), and a repetition penalty is one `where` over the
-    rows' seen-token masks."""
+    (`move`), so a step only slices its rows: greedy rows take the argmax, sampled rows go through batched
+    temperature / top-k / top-p passes (`sample_rows`: one for the rows with a top-k, which sort only their k best
+    tokens, one for the others), and a repetition penalty is one `where` over the penalised rows' seen masks."""
 
     def __init__(self, num_rows: int, vocab_size: int, device):
         self.device = torch.device(device)
@@ -187,20 +198,30 @@ class Sampler:
         B = logits.shape[0]
         span = slice(first, first + B)
         params = self.params[span]
-        if self.seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if len(penalised) == B:
             logits = apply_repetition_penalty(logits, self.seen[span], self.penalty[span])
+        elif penalised:  # only those rows: a full (B, V) pass would cost more than the sampling itself on a CPU
+            idx = torch.tensor(penalised, device=self.device)
+            logits = logits.clone()
+            logits[idx] = apply_repetition_penalty(logits[idx], self.seen[idx + first], self.penalty[idx + first])
         tokens = logits.argmax(-1)
-        rows = [i for i, p in enumerate(params) if not p.greedy]
         ok = None
-        if rows:
+        # Sampled rows in two batches: those with a top-k sort only their k best tokens, the others the vocabulary.
+        for rows in ([i for i, p in enumerate(params) if not p.greedy and p.top_k > 0],
+                     [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0]):
+            if not rows:
+                continue
             pick = slice(0, B) if len(rows) == B else torch.tensor(rows, device=self.device)
             at = span if len(rows) == B else pick + first
             sampled, row_ok = sample_rows(logits[pick], self.temperature[at], self.top_k[at], self.top_p[at],
                                           [self.generators[first + i] for i in rows],
                                           top_k_max=max(params[i].top_k for i in rows),
-                                          need_top_p=any(params[i].top_p < 1 for i in rows))
+                                          need_top_p=any(params[i].top_p < 1 for i in rows),
+                                          all_top_k=params[rows[0]].top_k > 0)
             tokens[pick] = sampled
-            ok = torch.ones(B, dtype=torch.bool, device=self.device)
+            if ok is None:
+                ok = torch.ones(B, dtype=torch.bool, device=self.device)
             ok[pick] = row_ok
         if self.seen is not None:
             self.seen[span].scatter_(1, tokens[:, None], True)
