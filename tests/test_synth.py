@@ -15,7 +15,7 @@ import soundfile as sf
 
 from qwen2audio import load_audio
 from qwen2audio.cli import main
-from qwen2audio.synth import MissingToolError, SynthError, build_corpus, dsp, music, plan, questions, sounds, tts
+from qwen2audio.synth import MissingToolError, SynthError, build_corpus, dsp, music, opentext, plan, questions, sounds, tts
 from qwen2audio.synth.asterisk import clips, parse_transcripts
 from qwen2audio.synth.build import check_sources
 from qwen2audio.synth.evalsets import EVAL_SETS, KNOWN_QUESTIONS, eval_file, known_question_specs
@@ -87,7 +87,9 @@ def test_every_record_parses_and_its_audio_decodes(corpus):
         assert dsp.rms(wav) > 1e-3, f"{rel} is silent"
         assert abs(wav.size / 16000 - by_audio[rel]["duration"]) < 1e-3
     counts = {split: sum(s["items"].values()) for split, s in manifest["splits"].items()}
-    assert counts["train"] + counts["heldout"] == len(items) == 42
+    assert counts["train"] + counts["heldout"] == len(items) == 50
+    spoken = [it for it in items.values() if it["kind"] == "open"]  # open-vocabulary fortune sentences
+    assert len(spoken) == 8 and all(it["text"] in opentext.sentences(it["language"]) for it in spoken)
     assert all(counts.values())
 
 

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from ..config import AudioConfig
+from ..errors import Qwen2AudioError
 
 
-class CT2FormatError(ValueError):
+class CT2FormatError(Qwen2AudioError):
     """A file that is not a readable CTranslate2 model.bin, or not a Whisper encoder."""
 
 

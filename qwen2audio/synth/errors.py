@@ -1,11 +1,13 @@
-"""Errors of the corpus builder: user errors are ValueErrors with one-line messages."""
+"""Errors of the corpus builder: user errors (Qwen2AudioError) with one-line messages."""
 
 from __future__ import annotations
 
 import shutil
 
+from ..errors import Qwen2AudioError
 
-class SynthError(ValueError):
+
+class SynthError(Qwen2AudioError):
     """A corpus cannot be built as asked (bad option, unusable output directory, ...)."""
 
 
