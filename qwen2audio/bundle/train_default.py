@@ -5,11 +5,11 @@
     3. leg 1       alignment: the corpus's pre-training task records (ASR of questions and of the real
                    Asterisk recordings in five languages, language ids, sound and instrument labels,
                    captions), projector only, LLM and encoder frozen
-    4. answers     the frozen LLM's own answers to the training questions and sentences, typed (`answers.py`)
-    5. leg 2       the whole mixture (`mixture.py`): every task record (now with the open-vocabulary
-                   sentences in five languages), the analysis conversations and behaviour-aligned voice
-                   chat; it starts from leg 1's projector
-    6. export      the trained projector -> qwen2audio/assets/default_model/trained.safetensors
+    4. leg 2       every task record of the corpus, now with the open-vocabulary sentences in five languages
+    5. answers     the frozen LLM's own answers to the training questions and sentences, typed (`answers.py`)
+    6. leg 3       the whole mixture (`mixture.py`): every task record, the analysis conversations and
+                   behaviour-aligned voice chat
+    7. export      the trained projector -> qwen2audio/assets/default_model/trained.safetensors
 
 A run stops whenever the machine goes (a session ends): every `save_every` steps its checkpoint (the
 projector, AdamW moments, RNG and data position: a few MB) is what `save-state` copies into the repository
@@ -39,10 +39,17 @@ LEGS = {
              ["--freeze", "llm", "--set", "precision=fp32", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2400",
               "--max-length", "320", "--set", "warmup_steps=50", "--set", "audio_cache_gb=3"]),
     "leg2": (CORPUS_SIZE,
-             ["--freeze", "llm", "--set", "precision=fp32", "--lr", "5e-4", "--batch-size", "8", "--max-steps", "3000",
+             ["--freeze", "llm", "--set", "precision=fp32", "--lr", "5e-4", "--batch-size", "4", "--max-steps", "4000",
+              "--max-length", "320", "--set", "warmup_steps=20", "--set", "audio_cache_gb=3"]),
+    "leg3": (CORPUS_SIZE,
+             ["--freeze", "llm", "--set", "precision=fp32", "--lr", "3e-4", "--batch-size", "4", "--max-steps", "4000",
               "--max-length", "320", "--set", "warmup_steps=20", "--set", "audio_cache_gb=3"]),
 }
-PREVIOUS = {"leg2": "leg1"}  # a leg starts from the projector its previous leg trained
+# Leg 1 was stopped at step 450 of its schedule: its task records are one third template questions, and its
+# transcripts drifted towards them ("What is the capital of France?"), so leg 2 moves on to the whole corpus with
+# the open-vocabulary sentences. A leg starts from the projector of its previous leg's latest checkpoint.
+PREVIOUS = {"leg2": "leg1", "leg3": "leg2"}
+CURRENT = "leg2"  # the leg `train` continues by default
 OPEN_SHARE = 0.5  # of the English open-vocabulary sentences also trained as voice chat
 SAVE_EVERY = 25
 
@@ -75,7 +82,7 @@ def leg_data(work: Path, leg: str) -> Path:
     path = work / "corpus1" / f"{leg}.jsonl"
     if path.exists():
         return path
-    if leg == "leg2":
+    if leg == "leg3":
         from .answers import answer_texts
         from .mixture import build_mixture, voice_chat_texts
 
@@ -148,6 +155,7 @@ def start_model(work: Path, leg: str) -> Path:
         return assemble(work / "init-model", trained=None)
     previous = work / f"{PREVIOUS[leg]}.safetensors"
     if not previous.exists():
+        restore_state(work, PREVIOUS[leg])  # a new machine has only the repository's checkpoint of it
         export(work, PREVIOUS[leg], previous)
     return assemble(work / f"{leg}-start", trained=previous)
 
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["all", "corpus", "init", "train", "save-state", "export"])
     p.add_argument("--work", type=Path, default=Path.home() / "work")
-    p.add_argument("--leg", default="leg1", choices=sorted(LEGS))
+    p.add_argument("--leg", default=CURRENT, choices=sorted(LEGS))
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
     work, python = args.work, sys.executable
