@@ -360,3 +360,27 @@ def test_tts_timeout_is_retried_once_then_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(tts, "TIMEOUTS_S", (0.2, 0.3))
     with pytest.raises(SynthError, match=r"slow engine did not finish in 0.2 s, then 0.3 s"):
         tts._run(["sleep", "30"], None, "slow engine")
+
+
+def test_default_model_leg_records_are_those_of_a_build(corpus):
+    """A training leg's task records are computed from the plan without rendering, equal to a build's."""
+    from qwen2audio.bundle.train_default import task_records
+
+    root, _, _ = corpus
+    assert task_records("tiny") == read_jsonl(root / "pretrain_train.jsonl")
+
+
+def test_default_model_training_state_round_trip(tmp_path, monkeypatch):
+    from qwen2audio.bundle import train_default
+
+    monkeypatch.setattr(train_default, "STATE_DIR", tmp_path / "repo")
+    work = tmp_path / "work"
+    for step in (25, 50):
+        (work / "runs" / "leg1" / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+        (work / "runs" / "leg1" / "checkpoints" / f"step-{step:08d}" / "state.json").write_text(str(step))
+    saved = train_default.save_state(work, "leg1")
+    assert [p.name for p in (tmp_path / "repo" / "leg1" / "checkpoints").iterdir()] == ["step-00000050"]
+    assert (saved / "state.json").read_text() == "50"
+    fresh = tmp_path / "fresh"  # a new machine: the repository's checkpoint comes back into the run
+    train_default.restore_state(fresh, "leg1")
+    assert (fresh / "runs" / "leg1" / "checkpoints" / "step-00000050" / "state.json").read_text() == "50"
