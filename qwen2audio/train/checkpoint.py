@@ -180,12 +180,7 @@ def read_extra(path: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path, extra: bool = True) -> Checkpoint:
     """Read a step directory; extra=False skips the optimizer file (enough to export the weights)."""
     path = Path(path)
-    if not (path / STATE).is_file():
-        raise CheckpointError(f"{path}: not a training checkpoint (no {STATE})")
-    try:
-        state = json.loads((path / STATE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / STATE}: not valid JSON ({e})") from None
+    state = read_state(path)
     if state.get("format") == SHARDED_FORMAT:
         raise CheckpointError(f"{path}: a sharded (--fsdp) checkpoint; read it with train.fsdp")
     if state.get("format") != FORMAT:

@@ -325,12 +325,7 @@ def _save(root, step, cfg, d, model, optimizer, names, stream, total, tables) ->
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optim_tensors, optim_meta = ckpt.optimizer_to_tensors(optimizer, names)
     extra = {f"optim.{k}": v for k, v in optim_tensors.items()}
-    for rank, state in enumerate(rng):
-        extra[f"rng.{rank}.cpu"] = state["cpu"]
-        if state["cuda"] is not None:
-            extra[f"rng.{rank}.cuda"] = state["cuda"]
-    for split, table in (tables or {}).items():
-        extra[f"reference.{split}"] = table
+    extra.update(_rng_and_tables(rng, tables))
     epoch, offset = stream.position
     state = {"step": step, "total_steps": total, "epoch": epoch, "offset": offset, "world_size": d.world,
              "optimizer": optim_meta, "config": cfg.to_dict()}
@@ -339,10 +334,8 @@ def _save(root, step, cfg, d, model, optimizer, names, stream, total, tables) ->
     return path
 
 
-def _save_sharded(root, step, cfg, d, model, optimizer, stream, total, tables) -> Path | None:
-    """--fsdp: every rank writes its shard (DCP); rank 0 the RNG states of all ranks, DPO tables, state.json."""
-    rng = d.gather({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None})
+def _rng_and_tables(rng: list[dict], tables) -> dict[str, torch.Tensor]:
+    """Every rank's RNG states (gathered) and the DPO reference tables, as checkpoint tensors."""
     extra = {}
     for rank, state in enumerate(rng):
         extra[f"rng.{rank}.cpu"] = state["cpu"]
@@ -350,6 +343,15 @@ def _save_sharded(root, step, cfg, d, model, optimizer, stream, total, tables) -
             extra[f"rng.{rank}.cuda"] = state["cuda"]
     for split, table in (tables or {}).items():
         extra[f"reference.{split}"] = table
+    return extra
+
+
+def _save_sharded(root, step, cfg, d, model, optimizer, stream, total, tables) -> Path | None:
+    """--fsdp: every rank writes its shard (DCP); rank 0 the RNG states of all ranks, DPO tables, state.json."""
+    rng = d.gather({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None})
+    extra = {}
+    extra.update(_rng_and_tables(rng, tables))
     epoch, offset = stream.position
     state = {"step": step, "total_steps": total, "epoch": epoch, "offset": offset, "world_size": d.world,
              "config": cfg.to_dict()}
