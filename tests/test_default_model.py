@@ -157,6 +157,28 @@ def test_assembled_directory_matches_transformers(tiny_gguf, whisper_tiny_bin, t
     assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-4
 
 
+def test_trained_lora_factors_merge_into_their_layers(tiny_gguf, whisper_tiny_bin, tmp_path):
+    from qwen2audio import Qwen2AudioModel
+
+    untrained = assemble(tmp_path / "untrained", trained=None, quiet=True, encoder_bin=whisper_tiny_bin,
+                         llm_gguf=tiny_gguf[0])
+    torch.manual_seed(2)
+    module = "audio_tower.layers.0.self_attn.q_proj"
+    down, up = 0.1 * torch.randn(4, 384), 0.1 * torch.randn(384, 4)
+    trained = tmp_path / "trained.safetensors"
+    save_file({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up}, str(trained),
+              metadata={"lora_scaling": "2.0"})
+    out = assemble(tmp_path / "adapted", trained=trained, quiet=True, encoder_bin=whisper_tiny_bin,
+                   llm_gguf=tiny_gguf[0])
+    before = Qwen2AudioModel.from_pretrained(untrained, dtype=torch.float32).get_submodule(module).weight
+    after = Qwen2AudioModel.from_pretrained(out, dtype=torch.float32).get_submodule(module).weight
+    torch.testing.assert_close(after, (before + 2.0 * up @ down).half().float(), rtol=0, atol=0)
+
+    save_file({f"{module}.lora_A.weight": down}, str(trained), metadata={"lora_scaling": "2.0"})
+    with pytest.raises(ValueError, match="no lora_B pair"):
+        assemble(tmp_path / "broken", trained=trained, quiet=True, encoder_bin=whisper_tiny_bin, llm_gguf=tiny_gguf[0])
+
+
 def _fake_package(root: Path, module: str, data: bytes) -> None:
     (root / module / "data").mkdir(parents=True)
     (root / module / "__init__.py").write_text("")

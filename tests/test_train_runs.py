@@ -323,6 +323,25 @@ def test_lora_merge_equals_base_plus_adapter_and_peft_agrees(corpus, tmp_path):
         torch.testing.assert_close(hf_merged, merged, rtol=1e-4, atol=1e-4)  # transformers opens the output too
 
 
+def test_lora_parts_adapt_some_parts_and_train_the_rest_in_full(corpus, tmp_path):
+    # The default model's recipe: LoRA in the audio tower, the projector trained whole, the LLM frozen.
+    cfg = config(corpus, tmp_path / "mixed", lora=True, lora_parts=["audio_tower"], freeze_audio_tower=False,
+                 freeze_llm=True, lora_r=4, lora_dropout=0.0, max_steps=3, lr=1e-2, batch_size=2, save_every=3)
+    run = train(cfg)
+    saved = load_file(run.output / "checkpoints" / "step-00000003" / "trainable.safetensors")
+    assert {"multi_modal_projector.linear.weight", "multi_modal_projector.linear.bias"} <= saved.keys()
+    adapted = {k for k in saved if ".lora_" in k}
+    assert adapted and all(k.startswith("audio_tower.") for k in adapted)
+    assert len(adapted) == 2 * 6 * 2  # A and B for the 6 linears of each of the 2 audio layers
+    assert not [k for k in saved if k.startswith("language_model.")]
+    base = Qwen2AudioModel.from_pretrained(corpus["base"])
+    assert not torch.equal(saved["multi_modal_projector.linear.weight"], base.multi_modal_projector.linear.weight)
+    assert any(saved[k].abs().max() > 0 for k in adapted if ".lora_B." in k)  # B starts at zero: it learned
+
+    with pytest.raises(TrainConfigError, match="lora_parts: 'llm' is not a trainable part"):
+        config(corpus, tmp_path / "bad", lora=True, lora_parts=["llm"], freeze_llm=True).validate()
+
+
 # ---- torchrun on CPU (gloo) --------------------------------------------------------------------
 def test_torchrun_two_processes_match_one_process(procs, corpus, tmp_path):
     proc = procs["torchrun"].result()

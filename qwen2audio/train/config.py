@@ -54,6 +54,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # leaf names, or all-linear
+    # The trainable parts that get adapters (empty: all of them); the other trainable parts train in full, so
+    # e.g. the audio tower can learn through LoRA while the small projector is trained whole.
+    lora_parts: list[str] = field(default_factory=list)
     merge_lora: bool = True  # write merged full weights to `output` (the adapter is written to output/adapter)
     adapter_layout: str = "transformers5"  # module names in adapter keys: transformers5 | released (transformers 4.x)
     # ---- optimisation ------------------------------------------------------------------------
@@ -131,6 +134,11 @@ class TrainConfig:
             raise TrainConfigError("fsdp_cpu_offload needs fsdp (--fsdp)")
         if not self.lora_target_modules:
             raise TrainConfigError("lora_target_modules is empty")
+        trainable = [part for part, frozen in (("audio_tower", self.freeze_audio_tower),
+                     ("projector", self.freeze_projector), ("llm", self.freeze_llm)) if not frozen]
+        for part in self.lora_parts:
+            if part not in trainable:
+                raise TrainConfigError(f"lora_parts: {part!r} is not a trainable part (trainable: {', '.join(trainable)})")
         if self.eval_every and not self.eval_data and not partial:
             raise TrainConfigError("eval_every needs eval_data (--eval-data FILE.jsonl)")
         if not partial:

@@ -32,7 +32,8 @@ from .tower_cache import TowerCache
 
 # Options a resumed run must share with the checkpoint's run: they shape the weights, the optimizer or the data order.
 RESUME_INVARIANTS = ("stage", "model", "data", "freeze_audio_tower", "freeze_projector", "freeze_llm", "lora", "lora_r",
-                     "lora_alpha", "lora_target_modules", "batch_size", "grad_accum", "seed", "beta", "dpo_reference")
+                     "lora_alpha", "lora_target_modules", "lora_parts", "batch_size", "grad_accum", "seed", "beta",
+                     "dpo_reference")
 
 
 @dataclass
@@ -371,6 +372,15 @@ def _load_trainable(model, c: ckpt.Checkpoint, what: str) -> None:
             params[name].copy_(tensor)
 
 
+def _check_resume_settings(path, saved: dict, cfg: TrainConfig, skip: tuple[str, ...] = ()) -> None:
+    defaults = TrainConfig().to_dict()  # a key newer than the checkpoint had its default then
+    changed = [k for k in RESUME_INVARIANTS if k not in skip and saved.get(k, defaults[k]) != getattr(cfg, k)]
+    if changed:
+        raise TrainConfigError(f"--resume {path}: the run used other values of {', '.join(changed)} "
+                               f"(e.g. {changed[0]}={saved.get(changed[0], defaults[changed[0]])!r}); "
+                               "resume with the same settings")
+
+
 def _restore(path, cfg, d, model, optimizer, names, stream):
     if ckpt.read_state(path)["format"] == ckpt.SHARDED_FORMAT:
         return _restore_sharded(path, cfg, d, model, optimizer, stream)
@@ -378,10 +388,7 @@ def _restore(path, cfg, d, model, optimizer, names, stream):
         raise TrainConfigError(f"--resume {path}: a checkpoint of a run without --fsdp; resume it without --fsdp")
     c = ckpt.load_checkpoint(path)
     saved = c.state["config"]
-    changed = [k for k in RESUME_INVARIANTS if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        raise TrainConfigError(f"--resume {path}: the run used other values of {', '.join(changed)} "
-                               f"(e.g. {changed[0]}={saved.get(changed[0])!r}); resume with the same settings")
+    _check_resume_settings(path, saved, cfg)
     if c.state["world_size"] != d.world:
         raise TrainConfigError(f"--resume {path}: saved with {c.state['world_size']} process(es), now {d.world}; "
                                "the data position is per process, so resume with the same count")
@@ -404,10 +411,7 @@ def _restore_sharded(path, cfg, d, model, optimizer, stream):
     batch (batch_size x grad_accum x ranks) is the run's: the data position is then the same examples."""
     state = ckpt.read_state(path)
     saved = state["config"]
-    changed = [k for k in RESUME_INVARIANTS if k not in ("batch_size", "grad_accum") and saved.get(k) != getattr(cfg, k)]
-    if changed:
-        raise TrainConfigError(f"--resume {path}: the run used other values of {', '.join(changed)} "
-                               f"(e.g. {changed[0]}={saved.get(changed[0])!r}); resume with the same settings")
+    _check_resume_settings(path, saved, cfg, skip=("batch_size", "grad_accum"))
     old_world = state["world_size"]
     before = saved["batch_size"] * saved["grad_accum"] * old_world
     now = cfg.batch_size * cfg.grad_accum * d.world

@@ -42,13 +42,14 @@ def prepare_trainable(model: Qwen2AudioModel, cfg: TrainConfig, upcast: bool = T
     model.requires_grad_(False)
     parts = trainable_parts(cfg)
     targets: list[str] = []
-    if cfg.lora:
-        targets = lora_lib.select_targets(model, parts, cfg.lora_target_modules)
+    adapted = (cfg.lora_parts or parts) if cfg.lora else []
+    if adapted:
+        targets = lora_lib.select_targets(model, adapted, cfg.lora_target_modules)
         lora_lib.apply_lora(model, targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    else:
-        for part in parts:
+    for part in parts:
+        if part not in adapted:
             part_module(model, part).requires_grad_(True)
-        model.audio_tower.embed_positions.requires_grad_(False)  # Whisper's fixed sinusoids, as in the reference
+    model.audio_tower.embed_positions.requires_grad_(False)  # Whisper's fixed sinusoids, as in the reference
     for p in model.parameters() if upcast else ():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # optimizer updates in float32 whatever the frozen weights use
