@@ -387,11 +387,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
     return args
 
 
-# Commands whose user errors still derive from ValueError alone (qwen2audio/train is being reworked separately):
-# until they derive from Qwen2AudioError, any ValueError of these commands is reported as the user's.
-LEGACY_VALUE_ERRORS = {"train", "export-checkpoint"}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -413,11 +408,6 @@ def main(argv: list[str] | None = None) -> int:
         # Qwen2AudioError: AudioError, CheckpointError, ConfigError, TokenizerError, MessageError, SamplingError,
         # PromptTooLong, DeviceError, the evaluator's errors, UserError. OSError: files, disks and sockets.
         # Anything else is a bug and keeps its traceback.
-        _report(_one_line(e))
-        return EXIT_USAGE
-    except ValueError as e:
-        if args.command not in LEGACY_VALUE_ERRORS:
-            raise
         _report(_one_line(e))
         return EXIT_USAGE
 

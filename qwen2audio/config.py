@@ -156,7 +156,7 @@ class Qwen2AudioConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json (is this a Qwen2-Audio checkpoint directory?)") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(data)
 

@@ -83,9 +83,12 @@ class Qwen2AudioProcessor:
         n_mels = 128
         pre = directory / PREPROCESSOR_FILE
         if pre.exists():
-            cfg = json.loads(pre.read_text())
-            n_mels = int(cfg.get("feature_size", n_mels))
-            if int(cfg.get("sampling_rate", SAMPLE_RATE)) != SAMPLE_RATE:
+            try:
+                cfg = json.loads(pre.read_text(encoding="utf-8"))
+                n_mels, rate = int(cfg.get("feature_size", n_mels)), int(cfg.get("sampling_rate", SAMPLE_RATE))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+                raise Qwen2AudioError(f"{pre}: not a valid preprocessor config ({type(e).__name__}: {e})") from None
+            if rate != SAMPLE_RATE:
                 raise Qwen2AudioError(f"{pre}: sampling_rate must be {SAMPLE_RATE}")
         side = tokenizer.config.get("padding_side", "left")
         return cls(tokenizer, n_mels=n_mels, padding_side=side)

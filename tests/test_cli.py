@@ -18,6 +18,7 @@ import soundfile as sf
 from tiny import sine
 
 import qwen2audio
+import qwen2audio.api  # monkeypatched below: imported here, so a test run alone finds it
 from qwen2audio import cli
 
 N = 12  # max new tokens: enough text to compare, quick on CPU
@@ -266,6 +267,52 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(files, monkeypatch,
     monkeypatch.setattr(qwen2audio.api, "load", user_error)
     assert cli.main(["ask", str(files["a"]), "--model", str(files["model"])]) == 2
     assert capsys.readouterr().err.endswith("qwen2audio: error: your checkpoint is odd\n")
+
+
+@pytest.mark.parametrize("command", ["train", "export-checkpoint"])
+def test_train_commands_report_only_their_user_errors(command, tmp_path, monkeypatch, capsys):
+    """train and export-checkpoint follow every command's rule: a Qwen2AudioError is the user's, a stray
+    ValueError is a bug with its traceback (they once reported any ValueError as a user's mistake)."""
+    import qwen2audio.train.cli as train_cli
+    import qwen2audio.train.loop as loop
+
+    argv = ["train", "--output", str(tmp_path / "run")] if command == "train" else \
+        ["export-checkpoint", str(tmp_path), "--output", str(tmp_path / "out")]
+
+    class Config:
+        def validate(self):
+            return self
+
+    monkeypatch.setattr(train_cli, "config_from_args", lambda args: Config())
+    for name in ("train", "export_checkpoint"):
+        monkeypatch.setattr(loop, name, lambda *a, **k: int("a stray ValueError deep inside"))
+    with pytest.raises(ValueError, match="stray"):
+        cli.main(argv)
+    for name in ("train", "export_checkpoint"):
+        monkeypatch.setattr(loop, name, lambda *a, **k: (_ for _ in ()).throw(
+            qwen2audio.errors.Qwen2AudioError("your run is odd")))
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.endswith("qwen2audio: error: your run is odd\n")
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[1, 2]", b"{not json"])
+def test_export_checkpoint_of_a_damaged_state_file_is_a_user_error(content, tmp_path, capsys):
+    step = tmp_path / "step-00000001"
+    step.mkdir()
+    (step / "state.json").write_bytes(content)
+    assert cli.main(["export-checkpoint", str(step), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "state.json: not" in err and "Traceback" not in err
+
+
+def test_damaged_preprocessor_config_is_a_user_error(tiny_checkpoint, tmp_path):
+    from qwen2audio.processor import Qwen2AudioProcessor
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint[0], directory)
+    (directory / "preprocessor_config.json").write_text('{"feature_size": "many"}')
+    with pytest.raises(qwen2audio.errors.Qwen2AudioError, match="not a valid preprocessor config"):
+        Qwen2AudioProcessor.from_pretrained(directory)
 
 
 def test_user_facing_errors_share_one_base():

@@ -165,9 +165,11 @@ def read_state(path: str | Path) -> dict:
     if not (path / STATE).is_file():
         raise CheckpointError(f"{path}: not a training checkpoint (no {STATE})")
     try:
-        state = json.loads((path / STATE).read_text())
-    except json.JSONDecodeError as e:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / STATE}: not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE}: not a JSON object")
     if state.get("format") not in (FORMAT, SHARDED_FORMAT):
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT} or {SHARDED_FORMAT}")
     return state

@@ -237,6 +237,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         config = json.loads((directory / ADAPTER_CONFIG).read_text())
     except FileNotFoundError:
         raise LoRAError(f"{directory}: no {ADAPTER_CONFIG}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoRAError(f"{directory / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{directory / ADAPTER_CONFIG}: not a JSON object")
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
         raise LoRAError(f"{directory}: only plain LoRA adapters are supported")
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, config["target_modules"])]

@@ -32,7 +32,7 @@ class TowerCache:
     def install(cls, tower: nn.Module, max_bytes: int) -> "TowerCache":
         """Route `tower`'s forward through a new cache (the tower must be frozen)."""
         if any(p.requires_grad for p in tower.parameters()):
-            raise ValueError("only a frozen audio tower's outputs can be cached")
+            raise RuntimeError("only a frozen audio tower's outputs can be cached")  # the loop's invariant, not a user's
         cache = cls(tower, max_bytes)
         tower.forward = cache.forward  # an instance attribute: nn.Module.__call__ finds it first
         return cache
