@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from .chat import asr_prompt, raw_prompt
-from .engine import SamplingParams, generate_steps
-from .engine.detokenize import Detokenizer
+from .engine import SamplingParams
+from .engine.inputs import PromptInputs, prepare_chat, prepare_prompt
+from .engine.kv_cache import BLOCK_SIZE
+from .engine.llm_engine import LLMEngine, iter_outputs
+from .engine.model_runner import kv_bytes_per_token
 from .errors import Qwen2AudioError
+from .tokenizer import AUDIO
 from .model import Qwen2AudioModel
 from .processor import Qwen2AudioProcessor
 from .weights import CheckpointError, check_directory
@@ -77,13 +82,27 @@ def stop_ids_from(directory: Path, processor: Qwen2AudioProcessor) -> set[int]:
     return ids
 
 
+# The KV cache a Pipeline's engine keeps between calls (for the prefix cache) when its requests need less; one call
+# that needs more gets a bigger engine.
+PIPELINE_KV_BYTES = 2 * 2**30
+PIPELINE_MAX_BATCH = 32  # requests of one chat_batch run together; more run in waves
+
+
 class Pipeline:
+    """The Python API over the engine (engine/llm_engine.py), stepped in the caller's thread: every call submits
+    its requests and steps the engine until they are done, so the API, the CLI, the evaluator and the server share
+    one generation path (batching, paged KV cache, prefix caching, sampling, stop handling). Calls from several
+    threads share the engine: whoever waits steps it (one step at a time), advancing every caller's requests."""
+
     def __init__(self, model: Qwen2AudioModel, processor: Qwen2AudioProcessor, stop_ids: set[int],
                  truncate: bool = False):
         self.model = model
         self.processor = processor
         self.stop_ids = stop_ids
         self.truncate = truncate  # True mimics the reference's cut at 30 s
+        self._engine: LLMEngine | None = None
+        self._weights = None  # what the engine's caches were computed with
+        self._lock = threading.Lock()  # one engine step at a time; guards the engine's replacement
 
     @property
     def tokenizer(self):
@@ -99,17 +118,26 @@ class Pipeline:
         return self.chat_batch([messages], sampling, **kwargs)[0]
 
     def chat_batch(self, conversations: list[list[dict]], sampling: SamplingParams | None = None, **kwargs) -> list[str]:
-        inputs = self.processor.prepare_chats(conversations, truncate=self.truncate)
-        return self._run(inputs, self.params(sampling, **kwargs))
+        prompts = [prepare_chat(self.tokenizer, m, truncate=self.truncate) for m in conversations]
+        return self._run(prompts, self.params(sampling, **kwargs))
 
     def stream(self, messages: list[dict], sampling: SamplingParams | None = None, **kwargs) -> Iterator[str]:
-        inputs = self.processor.prepare_chats([messages], truncate=self.truncate)
-        yield from self._stream(inputs, self.params(sampling, **kwargs))
+        prompt = prepare_chat(self.tokenizer, messages, truncate=self.truncate)
+        yield from self._stream(prompt, self.params(sampling, **kwargs))
 
     def complete(self, prompts: list[str], audio: list | None = None, sampling: SamplingParams | None = None,
                  **kwargs) -> list[str]:
-        """Raw (base-model) prompts such as `<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:`."""
-        inputs = self.processor.prepare_raw(prompts, audio, truncate=self.truncate)
+        """Raw (base-model) prompts such as `<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:`;
+        `audio` holds one clip per <|AUDIO|>, across the prompts in order."""
+        clips, inputs = list(audio or []), []
+        total = sum(p.count(AUDIO) for p in prompts)
+        if total != len(clips):
+            # the processor's message for the same mismatch (AudioTokenMismatch)
+            self.processor(prompts, audio=clips or None, truncate=self.truncate)
+        for p in prompts:
+            n = p.count(AUDIO)
+            inputs.append(prepare_prompt(self.tokenizer, p, clips[:n], truncate=self.truncate))
+            clips = clips[n:]
         return self._run(inputs, self.params(sampling, **kwargs))
 
     def transcribe(self, audio, language: str | None = None, chat: bool = False, **kwargs) -> str:
@@ -123,32 +151,84 @@ class Pipeline:
         return strip_tags(text)
 
     # ---- running -----------------------------------------------------------------------------
-    def _run(self, inputs, params: SamplingParams) -> list[str]:
-        B = inputs["input_ids"].shape[0]
-        decoders = [Detokenizer(self.tokenizer, params.stop) for _ in range(B)]
-        for step in generate_steps(self.model, inputs, params, self.stop_ids | set(params.stop_token_ids)):
-            for i, tok in enumerate(step.tokens):
-                if tok is not None and not decoders[i].stopped:
-                    decoders[i].push(tok)
-            if all(d.stopped or f for d, f in zip(decoders, step.finished)):
-                break
-        for d in decoders:
-            d.flush()
-        return [d.text for d in decoders]
+    def engine(self, prompts: list[PromptInputs] = (), params: SamplingParams | None = None) -> LLMEngine:
+        """The engine, made on first use, and made again (its caches dropped) when the model's weights changed since
+        (its prefix and audio caches hold what the old weights computed) or when its KV cache is smaller than this
+        call needs and may grow: sized to the demand, up to PIPELINE_KV_BYTES, and always to the longest request."""
+        weights = _fingerprint(self.model)
+        extra = params.max_new_tokens if params else 0
+        limit = self.model.config.text_config.max_position_embeddings
+        longest = -(-min(max((len(p.ids) for p in prompts), default=0) + extra, limit) // BLOCK_SIZE)
+        cap = PIPELINE_KV_BYTES // (kv_bytes_per_token(self.model) * BLOCK_SIZE)
+        demand = max(longest, min(cap, sum(-(-(len(p.ids) + extra) // BLOCK_SIZE) for p in prompts)), 1)
+        engine = self._engine
+        if engine is None or weights != self._weights or len(engine.blocks.blocks) < demand:
+            blocks = max(demand, len(engine.blocks.blocks) if engine is not None and weights == self._weights else 0)
+            self._engine = engine = LLMEngine(self.model, self.tokenizer, self.stop_ids, max_batch=PIPELINE_MAX_BATCH,
+                                              max_model_len=min(limit, blocks * BLOCK_SIZE), num_blocks=blocks,
+                                              max_queue=2**31)
+            self._weights = weights
+        return engine
 
-    def _stream(self, inputs, params: SamplingParams) -> Iterator[str]:
-        answer = Detokenizer(self.tokenizer, params.stop)
-        for step in generate_steps(self.model, inputs, params, self.stop_ids | set(params.stop_token_ids)):
-            tok = step.tokens[0]
-            if tok is not None:
-                piece = answer.push(tok)
-                if piece:
-                    yield piece
-            if answer.stopped or step.finished[0]:
-                break
-        tail = answer.flush()
-        if tail:
-            yield tail
+    def _submit(self, prompts: list[PromptInputs], params: SamplingParams):
+        with self._lock:
+            engine = self.engine(prompts, params)
+            return engine, [engine.submit(p, params) for p in prompts]
+
+    def _step_until(self, engine: LLMEngine, done) -> None:
+        while not done():
+            with self._lock:
+                if not done():
+                    engine.step()
+
+    def _run(self, prompts: list[PromptInputs], params: SamplingParams) -> list[str]:
+        engine, seqs = self._submit(prompts, params)
+        try:
+            self._step_until(engine, lambda: all(s.finish_reason is not None for s in seqs))
+        finally:
+            for s in seqs:
+                engine.cancel(s)  # no-op for finished ones; frees the rest when a step is interrupted
+        answers = []
+        for s in seqs:
+            text = []
+            for out in iter_outputs(s, timeout=0):
+                text.append(out.text)
+            _raise_if_failed(s)
+            answers.append("".join(text))
+        return answers
+
+    def _stream(self, prompt: PromptInputs, params: SamplingParams) -> Iterator[str]:
+        engine, (seq,) = self._submit([prompt], params)
+        try:
+            while True:
+                self._step_until(engine, lambda: not seq.outputs.empty())
+                out = seq.outputs.get()
+                if out.finished:
+                    _raise_if_failed(seq)
+                if out.text:
+                    yield out.text
+                if out.finished:
+                    return
+        finally:
+            engine.cancel(seq)  # a stream abandoned midway: the next step frees its blocks
+
+
+def _fingerprint(model) -> tuple:
+    """Changes when a weight is replaced or modified in place (an optimiser step, load_state_dict)."""
+    out = []
+    for t in list(model.parameters()) + list(model.buffers()):
+        try:
+            out.append((t.data_ptr(), t._version))
+        except RuntimeError:  # an inference tensor keeps no version counter: it cannot be modified in place
+            out.append((t.data_ptr(), -1))
+    return tuple(out)
+
+
+def _raise_if_failed(seq) -> None:
+    if seq.finish_reason == "error":
+        if seq.exception is not None:
+            raise seq.exception
+        raise RuntimeError(seq.error)
 
 
 def strip_tags(text: str) -> str:

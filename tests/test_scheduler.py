@@ -147,8 +147,8 @@ def test_slots_are_freed_on_finish_and_on_cancel(pipe):
     engine.step()
     assert result(long[0])[1].finish_reason == "cancelled" and result(long[2])[1].finish_reason == "cancelled"
     assert engine.counters["prefills"] == prefills + 1  # only `short` took the freed row
-    # long[0] left row 0, so long[1] (with its keys/values) moved from row 1 into row 0 mid-generation
-    assert long[1].row == 0 and short.row == 1
+    # nothing moves: long[1] keeps its row and blocks, `short` takes the row long[0] left
+    assert long[1].row == 1 and short.row == 0
     assert engine.scheduler.free_slots == 0 and engine.scheduler.queue_depth == 0
     run_until_idle(engine)
     assert engine.scheduler.free_slots == 2 and not engine.scheduler.running
@@ -170,7 +170,10 @@ def test_encoded_audio_cache_serves_repeated_clips(pipe):
                                                   {"type": "text", "text": "Describe it in detail, please."}]}]
     seq = engine.submit(prepare_chat(pipe.tokenizer, turn2), SamplingParams(max_new_tokens=8))
     run_until_idle(engine)
-    assert engine.audio_cache.hits == 2 and engine.counters["audio_windows_encoded"] == 1  # both turns' clip
+    # turn 1's clip sits in blocks the prefix cache serves (no encoding needed at all); turn 2's copy of it is new
+    # to the KV cache but not to the audio cache
+    assert engine.audio_cache.hits == 1 and engine.counters["audio_windows_encoded"] == 1
+    assert engine.counters["prompt_tokens_cached"] > 0
     assert result(seq)[0] == pipe.chat(turn2, max_new_tokens=8)
 
 
@@ -232,10 +235,10 @@ def test_a_request_failing_in_a_batched_prefill_fails_alone(pipe, monkeypatch):
     prompts = [prepare_chat(pipe.tokenizer, c) for c in convs]
     batches, real_prefill, real_encode = [], engine.runner.prefill, engine.runner.encode
 
-    def encode(prompt):
+    def encode(prompt, *which):
         if prompt is prompts[1]:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_encode(prompt)
+        return real_encode(prompt, *which)
 
     monkeypatch.setattr(engine.runner, "encode", encode)
     monkeypatch.setattr(engine.runner, "prefill", lambda seqs: batches.append(len(seqs)) or real_prefill(seqs))

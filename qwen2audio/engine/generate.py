@@ -1,4 +1,8 @@
-"""The generate loop: prefill once, then one token per step from a preallocated KV cache.
+"""The static generate loop: prefill once, then one token per step from a preallocated contiguous KV cache.
+
+No surface runs on it any more (the Python API, CLI, evaluator and server all use the engine, llm_engine.py). It
+stays as the plain reference the engine is checked against (tests: cached == uncached, the engine's answers ==
+this loop's) and as the benchmarks' model-only decode loop: a processor batch in, one step's tokens out.
 
 Batched rows are left-padded; each row's positions start at its first real token, so a row's
 greedy answer is the same alone or in a batch.

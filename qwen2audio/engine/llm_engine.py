@@ -1,22 +1,23 @@
 """Continuous-batching engine: requests join and leave the running batch at every step.
 
-One background thread owns the model and runs `step()` = schedule -> run -> postprocess:
+`step()` = schedule -> run -> postprocess, driven by the engine's own thread (`start()`, the server) or by the
+caller's thread (`run_until_done`, the Python API):
 
-- schedule: drop cancelled requests (freeing their KV rows), admit waiting ones into free rows and
-  prefill them into their rows (their audio encodings come from the encoded-audio cache when the
-  same window was seen before): on a GPU the requests admitted together in one right-padded batch, on a
-  CPU each alone (there the batch only delays the first ones' first tokens);
-- run: one batched decode step over every running row, each at its own position (`RowKVCache`),
-  each attending over its own keys only;
-- postprocess: sample every row with its own parameters in one batched pass (`Sampler`), stream text to
-  its consumer (`Detokenizer`), and free the rows of finished requests at once.
+- schedule (scheduler.py): drop cancelled requests, make room in the paged KV cache for every decoding request's
+  next token (preempting the latest admitted when blocks run out), then plan prompt chunks: prompts under way
+  first, then waiting requests admitted under the KV block budget, their cached prefix blocks shared
+  (block_manager.py). While others decode, a step takes a bounded chunk of prompt tokens;
+- run (model_runner.py): the prompt chunks (their audio encodings from the encoded-audio cache when the same
+  window was seen before; on a GPU the chunks of one step in one right-padded batch, on a CPU each alone, where a
+  batch only delays the first ones' first tokens), then one batched decode step over every decoding request,
+  each at its own position, each attending over its own blocks only;
+- postprocess: sample every row with its own parameters in one batched pass (`Sampler`), stream text to its
+  consumer (`Detokenizer`), and free the blocks of finished requests at once.
 
-The parts: `ModelRunner` (model_runner.py) makes the tensors and runs the model, `Sampler` (sampling.py)
-chooses tokens, `Detokenizer` (detokenize.py) turns them into text, `Scheduler` (scheduler.py) owns the
-queue and the rows; this class owns the request lifecycle, the thread and the statistics.
+This class owns the request lifecycle, the thread and the statistics.
 
-A request's greedy answer equals the one it gets alone (`Pipeline.chat`): its prefill attends only to
-its own tokens and a decode row never sees another row's keys.
+A request's greedy answer equals the one it gets alone: its prompt attends only to its own tokens (or to cached
+blocks that hold exactly the keys and values those tokens give), and a decode row never sees another's keys.
 """
 
 from __future__ import annotations
@@ -35,21 +36,29 @@ from ..model.qwen2_audio import Qwen2AudioModel
 from ..tokenizer import Tokenizer
 from .detokenize import Detokenizer
 from .inputs import PromptInputs
+from .block_manager import BlockManager, audio_runs
+from .kv_cache import BLOCK_SIZE
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .sampling import Sampler, SamplingParams, token_logprobs
-from .scheduler import FINISHED, Output, Scheduler, Sequence
+from .scheduler import FINISHED, RUNNING, Chunk, Output, Scheduler, Sequence
 
 log = logging.getLogger("qwen2audio.engine")
 
-COUNTERS = ("steps", "prefills", "decode_steps", "prompt_tokens", "generated_tokens", "peak_running",
-            "audio_windows_encoded", "finished_stop", "finished_length", "finished_cancelled", "finished_error")
+COUNTERS = ("steps", "prefills", "prefill_chunks", "decode_steps", "prompt_tokens", "prompt_tokens_cached",
+            "generated_tokens", "peak_running", "preemptions", "audio_windows_encoded", "finished_stop",
+            "finished_length", "finished_cancelled", "finished_error")
 
 
 class LLMEngine:
     def __init__(self, model: Qwen2AudioModel, tokenizer: Tokenizer, stop_ids: set[int], *, max_batch: int = 16,
                  max_model_len: int | None = None, kv_cache_bytes: int | None = None, max_queue: int = 256,
-                 prefill_token_budget: int = 4096, audio_cache_bytes: int = 256 * 2**20, n_mels: int | None = None,
+                 prefill_token_budget: int = 4096, chunk_tokens: int = 512, block_size: int = BLOCK_SIZE,
+                 num_blocks: int | None = None, audio_cache_bytes: int = 256 * 2**20, n_mels: int | None = None,
                  batch_prefill: bool | None = None):
+        """`max_batch` requests run at once; the KV cache holds `num_blocks` blocks of `block_size` tokens (default:
+        what `kv_cache_bytes` holds, or else max_batch full-length requests, the memory the fixed rows took)."""
+        if max_batch < 1:
+            raise Qwen2AudioError("max_batch must be >= 1")
         self.model = model.eval()
         # None: batch the prefills on CUDA, where 16 batch-1 prefills in a row made the 7B's first tokens 3.6x later
         # than a transformers static batch's (benchmarks/README.md); on a CPU a batch saves no work.
@@ -59,22 +68,22 @@ class LLMEngine:
         self.n_mels = n_mels or model.config.audio_config.num_mel_bins
         limit = model.config.text_config.max_position_embeddings
         self.max_len = min(max_model_len or min(limit, 4096), limit)
-        per_slot = kv_bytes_per_token(model) * self.max_len
-        slots = max_batch
-        if kv_cache_bytes is not None:
-            slots = min(slots, int(kv_cache_bytes // per_slot))
-            if slots < 1:
-                raise Qwen2AudioError(f"a KV-cache budget of {kv_cache_bytes / 2**30:.2f} GiB holds no request of "
-                                 f"{self.max_len} tokens ({per_slot / 2**30:.2f} GiB each): raise the budget or "
-                                 f"lower the maximum model length")
-        if slots < 1:
-            raise Qwen2AudioError("max_batch must be >= 1")
+        per_block = kv_bytes_per_token(model) * block_size
+        if num_blocks is None:
+            total = kv_cache_bytes if kv_cache_bytes is not None else max_batch * self.max_len * per_block // block_size
+            num_blocks = int(total // per_block)
+        if num_blocks * block_size < self.max_len:
+            raise Qwen2AudioError(f"a KV cache of {num_blocks * per_block / 2**30:.3f} GiB ({num_blocks} blocks of "
+                                  f"{block_size} tokens) holds no request of {self.max_len} tokens: raise the budget or "
+                                  f"lower the maximum model length")
         # Every key exists from the start, so that stats() readers on other threads never see the dict grow.
         self.counters: Counter = Counter(dict.fromkeys(COUNTERS, 0))
-        self.runner = ModelRunner(model, slots, self.max_len, tokenizer.pad_id, self.counters, audio_cache_bytes,
-                                  self.n_mels)
-        self.sampler = Sampler(slots, model.config.text_config.vocab_size, model.device)
-        self.scheduler = Scheduler(slots, self.max_len, max_queue, prefill_token_budget)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_batch, self.max_len, self.counters,
+                                  audio_cache_bytes, self.n_mels)
+        self.sampler = Sampler(max_batch, model.config.text_config.vocab_size, model.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(max_batch, self.max_len, max_queue, prefill_token_budget, self.blocks,
+                                   chunk_tokens=chunk_tokens)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,7 +91,7 @@ class LLMEngine:
     # ---- public API (any thread) ------------------------------------------------------------
     @property
     def num_slots(self) -> int:
-        return self.scheduler.num_slots
+        return self.scheduler.max_rows
 
     # the runner's parts, as they were before it was split out
     kv_cache_bytes = property(lambda self: self.runner.kv_cache_bytes)
@@ -99,6 +108,7 @@ class LLMEngine:
             sink = outputs.put
         stops = frozenset() if ignore_eos else self.stop_ids | set(params.stop_token_ids)
         seq = Sequence(prompt=prompt, params=params, stop_ids=stops, sink=sink)
+        seq.audio_runs = audio_runs(prompt.ids, self.model.config.audio_token_index, prompt.windows, prompt.keys)
         if request_id is not None:
             seq.request_id = request_id
         if arrival is not None:
@@ -129,7 +139,7 @@ class LLMEngine:
         return {
             "running": len(self.scheduler.running), "waiting": self.scheduler.queue_depth,
             "slots": self.num_slots, "free_slots": self.scheduler.free_slots, "max_model_len": self.max_len,
-            **self.runner.stats(), **self.counters,
+            **self.blocks.stats(), **self.runner.stats(), **self.counters,
         }
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -148,54 +158,68 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """schedule -> run -> postprocess, once. Public so tests can drive the engine by hand."""
+        """schedule -> run -> postprocess, once. Public so tests (and callers without the thread) drive it."""
         self.counters["steps"] += 1
         for seq in self.scheduler.take_cancelled_waiting():
             self._finish(seq, "cancelled")
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, "cancelled")
-        admitted = self.scheduler.admit()
-        if admitted:
-            self._prefill(admitted)
-        if self.scheduler.running:
-            self._decode()
+        plan = self.scheduler.schedule()
+        self.counters["preemptions"] += len(plan.preempted)
+        if plan.prefill:
+            self._prefill(plan.prefill)
+        decode = [s for s in plan.decode if s.status == RUNNING]
+        if decode:
+            self._decode(decode)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        """The requests admitted together, each written into its own cache row (the rows are consecutive), in
-        one right-padded batch when `batch_prefill` is on; samples their first tokens. If the batch fails (e.g.
-        one request's audio runs out of memory), each request is retried alone, so only the failing one fails."""
-        if len(seqs) > 1 and self.batch_prefill:
+    def _prefill(self, chunks: list[Chunk]) -> None:
+        """The step's prompt chunks, in one right-padded batch when `batch_prefill` is on; samples the next token of
+        each request whose prompt they finish. If the batch fails (e.g. one request's audio runs out of memory),
+        each chunk is retried alone, so only the failing request fails."""
+        if len(chunks) > 1 and self.batch_prefill:
             try:
-                logits = self.runner.prefill(seqs)
+                logits = self.runner.prefill(chunks)
             except Exception:
-                log.exception("batched prefill of %d requests failed; prefilling them one at a time", len(seqs))
+                log.exception("batched prefill of %d chunks failed; prefilling them one at a time", len(chunks))
             else:
-                return self._first_tokens(seqs, logits)
-        for seq in seqs:
+                return self._prefilled(chunks, logits)
+        for chunk in chunks:
             try:
-                logits = self.runner.prefill([seq])
+                logits = self.runner.prefill([chunk])
             except Exception as e:  # e.g. out of memory on a huge prompt: this request fails, not the server
-                log.exception("prefill of %s failed", seq.request_id)
-                self._finish(seq, "error", error=f"prefill failed: {e}")
+                log.exception("prefill of %s failed", chunk.seq.request_id)
+                chunk.seq.exception = e
+                self._finish(chunk.seq, "error", error=f"prefill failed: {e}")
                 continue
-            self._first_tokens([seq], logits)
+            self._prefilled([chunk], logits)
 
-    def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        for seq in seqs:
-            seq.answer = Detokenizer(self.tokenizer, seq.params.stop)
-            self.sampler.add(seq.row, seq.params, seq.prompt.ids)
-            self.counters["prefills"] += 1
-            self.counters["prompt_tokens"] += seq.prompt_len
-            seq.pos = seq.prompt_len
-        self._postprocess(seqs, self._sample(logits, seqs))
+    def _prefilled(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
+        done, rows = [], []
+        for i, chunk in enumerate(chunks):
+            seq = chunk.seq
+            self.counters["prefill_chunks"] += 1
+            self.scheduler.computed(seq, chunk.stop)
+            if not chunk.last:
+                continue
+            seq.prefilled, seq.audio_embeds = True, None
+            if seq.answer is None:  # its first prefill (not a recompute after a preemption)
+                seq.answer = Detokenizer(self.tokenizer, seq.params.stop)
+                self.counters["prefills"] += 1
+                self.counters["prompt_tokens"] += seq.prompt_len
+                self.counters["prompt_tokens_cached"] += seq.cached_tokens
+            self.sampler.add(seq.row, seq.params, seq.token_ids, generator=seq.generator)
+            seq.generator = self.sampler.generators[seq.row]
+            done.append(seq)
+            rows.append(i)
+        if done:
+            self._postprocess(done, self._sample(logits[rows] if len(rows) < len(chunks) else logits, done))
 
-    def _decode(self) -> None:
-        seqs = list(self.scheduler.running)
+    def _decode(self, seqs: list[Sequence]) -> None:
         logits = self.runner.decode(seqs)
         self.counters["decode_steps"] += 1
         self.counters["peak_running"] = max(self.counters["peak_running"], len(seqs))
         for s in seqs:
-            s.pos += 1
+            self.scheduler.computed(s, s.num_computed + 1)
         self._postprocess(seqs, self._sample(logits, seqs))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | str]:
@@ -203,7 +227,7 @@ class LLMEngine:
         error message instead of a token for a row whose sampling failed), with one host sync. Rows that asked for
         log-probabilities get them in `seq.step_logprobs`, from the model's own distribution (before penalty and
         sampling)."""
-        tokens, ok = self.sampler.sample(logits, first=seqs[0].row)  # the rows are consecutive
+        tokens, ok = self.sampler.sample(logits, [s.row for s in seqs])
         host, *host_ok = torch.stack([tokens] + ([] if ok is None else [ok.long()])).tolist()
         if host_ok:
             host = [t if good else "sampling failed: the probabilities are not finite (inf or NaN logits)"
@@ -229,6 +253,7 @@ class LLMEngine:
                 self._finish(seq, "stop")
                 continue
             seq.output_ids.append(tok)
+            seq.token_ids.append(tok)
             seq.last_token = tok
             piece = seq.answer.push(tok)
             lps = None if seq.params.logprobs is None else [seq.step_logprobs]
@@ -246,12 +271,7 @@ class LLMEngine:
             return
         if reason in ("stop", "length") and seq.answer is not None:
             piece += seq.answer.flush()
-        if seq.row is not None:
-            moved = self.scheduler.release(seq)
-            if moved is not None:  # keep running rows contiguous: the last row takes the freed one
-                src, dst = moved
-                self.runner.move_row(src, dst, self.scheduler.running[dst].pos)
-                self.sampler.move(src, dst)
+        self.scheduler.release(seq)  # its blocks stay cached for a later prompt that starts alike
         seq.status, seq.finish_reason, seq.error = FINISHED, reason, error
         seq.finish_time = time.perf_counter()
         self.counters[f"finished_{reason}"] += 1

@@ -151,8 +151,8 @@ class Sampler:
     """Sampling state of rows 0..num_rows-1 and the batched token choice, shared by the static generate loop and
     the continuous-batching engine (so a request samples alike in both).
 
-    Each row's options live in device tensors, set once when the row is given a request (`add`) and moved with it
-    (`move`), so a step only slices its rows: greedy rows take the argmax, sampled rows go through batched
+    Each row's options live in device tensors, set once when the row is given a request (`add`), so a step
+    only slices (or indexes) its rows: greedy rows take the argmax, sampled rows go through batched
     temperature / top-k / top-p passes (`sample_rows`: one for the rows with a top-k, which sort only their k best
     tokens, one for the others), and a repetition penalty is one `where` over the penalised rows' seen masks."""
 
@@ -167,13 +167,14 @@ class Sampler:
         self.penalty = torch.ones(num_rows, 1, device=self.device)
         self.seen: torch.Tensor | None = None  # (num_rows, V) bool, made when a row first asks for a penalty
 
-    def add(self, row: int, params: SamplingParams, prompt_ids) -> None:
-        """Give `row` a new request: its options, its own generator when seeded, its prompt as seen tokens."""
+    def add(self, row: int, params: SamplingParams, prompt_ids, generator: torch.Generator | None = None) -> None:
+        """Give `row` a new request: its options, its own generator when seeded (`generator`: the one it had before
+        a preemption, so it draws on where it stopped), the ids it has seen (prompt, plus answer so far)."""
         self.params[row] = params
         self.generators[row] = None
         if not params.greedy:
             if params.seed is not None:
-                self.generators[row] = torch.Generator(device=self.device).manual_seed(params.seed)
+                self.generators[row] = generator or torch.Generator(device=self.device).manual_seed(params.seed)
             self.temperature[row] = params.temperature
             self.top_k[row] = params.top_k
             self.top_p[row] = params.top_p if params.top_p < 1 else float("inf")
@@ -186,45 +187,43 @@ class Sampler:
                 ids = torch.as_tensor(prompt_ids, dtype=torch.long).to(self.device)
                 self.seen[row, ids[ids < self.vocab_size]] = True
 
-    def move(self, src: int, dst: int) -> None:
-        """The request of row `src` now lives in row `dst` (the engine keeps its running rows contiguous)."""
-        self.params[dst], self.generators[dst] = self.params[src], self.generators[src]
-        for t in (self.temperature, self.top_k, self.top_p, self.penalty) + ((self.seen,) if self.seen is not None else ()):
-            t[dst] = t[src]
-
-    def sample(self, logits: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits (B, V) float32 of rows first..first+B-1 -> next tokens (B,) and ok (B,) bool (None when no row
-        samples): False marks a row whose sampling failed (e.g. NaN probabilities); only its token is meaningless."""
+    def sample(self, logits: torch.Tensor, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B, V) float32 of `rows` (default 0..B-1, in any order) -> next tokens (B,) and ok (B,) bool (None
+        when no row samples): False marks a row whose sampling failed (e.g. NaN probabilities); only its token is
+        meaningless."""
         B = logits.shape[0]
-        span = slice(first, first + B)
-        params = self.params[span]
+        rows = list(range(B)) if rows is None else list(rows)
+        contiguous = rows == list(range(rows[0], rows[0] + B))
+        row_index = torch.tensor(rows, device=self.device)
+        span = slice(rows[0], rows[0] + B) if contiguous else row_index  # a slice reads the state without a copy
+        params = [self.params[r] for r in rows]
         penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if len(penalised) == B:
             logits = apply_repetition_penalty(logits, self.seen[span], self.penalty[span])
         elif penalised:  # only those rows: a full (B, V) pass would cost more than the sampling itself on a CPU
             idx = torch.tensor(penalised, device=self.device)
             logits = logits.clone()
-            logits[idx] = apply_repetition_penalty(logits[idx], self.seen[idx + first], self.penalty[idx + first])
+            logits[idx] = apply_repetition_penalty(logits[idx], self.seen[row_index[idx]], self.penalty[row_index[idx]])
         tokens = logits.argmax(-1)
         ok = None
         # Sampled rows in two batches: those with a top-k sort only their k best tokens, the others the vocabulary.
-        for rows in ([i for i, p in enumerate(params) if not p.greedy and p.top_k > 0],
-                     [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0]):
-            if not rows:
+        for batch in ([i for i, p in enumerate(params) if not p.greedy and p.top_k > 0],
+                      [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0]):
+            if not batch:
                 continue
-            pick = slice(0, B) if len(rows) == B else torch.tensor(rows, device=self.device)
-            at = span if len(rows) == B else pick + first
+            pick = slice(0, B) if len(batch) == B else torch.tensor(batch, device=self.device)
+            at = span if len(batch) == B else row_index[pick]
             sampled, row_ok = sample_rows(logits[pick], self.temperature[at], self.top_k[at], self.top_p[at],
-                                          [self.generators[first + i] for i in rows],
-                                          top_k_max=max(params[i].top_k for i in rows),
-                                          need_top_p=any(params[i].top_p < 1 for i in rows),
-                                          all_top_k=params[rows[0]].top_k > 0)
+                                          [self.generators[rows[i]] for i in batch],
+                                          top_k_max=max(params[i].top_k for i in batch),
+                                          need_top_p=any(params[i].top_p < 1 for i in batch),
+                                          all_top_k=params[batch[0]].top_k > 0)
             tokens[pick] = sampled
             if ok is None:
                 ok = torch.ones(B, dtype=torch.bool, device=self.device)
             ok[pick] = row_ok
         if self.seen is not None:
-            self.seen[span].scatter_(1, tokens[:, None], True)
+            self.seen[row_index, tokens] = True
         return tokens, ok
 
 

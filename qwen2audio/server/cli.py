@@ -86,14 +86,14 @@ def register(subparsers) -> dict:
     net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     eng = p.add_argument_group("engine")
     eng.add_argument("--max-batch", type=_positive(int), default=16, metavar="N",
-                     help="KV-cache slots = most requests decoded together (default: 16)")
+                     help="most requests running together (default: 16)")
     eng.add_argument("--max-model-len", type=_positive(int), default=None, metavar="TOKENS",
-                     help="prompt + answer tokens per request, the size of one slot (default: the model's "
-                          "positions, at most 4096)")
+                     help="prompt + answer tokens per request (default: the model's positions, at most 4096)")
     eng.add_argument("--kv-cache-gb", type=_positive(float), default=None, metavar="GB",
-                     help="memory budget for the KV cache; fewer slots than --max-batch when it is smaller")
+                     help="memory for the paged KV cache, prefix cache included (default: --max-batch requests of "
+                          "--max-model-len tokens); requests wait, or are preempted, when it is full")
     eng.add_argument("--max-queue", type=_positive(int), default=256, metavar="N",
-                     help="requests waiting for a slot before new ones get HTTP 429 (default: 256)")
+                     help="requests waiting to run before new ones get HTTP 429 (default: 256)")
     eng.add_argument("--audio-cache-mb", type=float, default=256, metavar="MB",
                      help="memory for encoded audio reused across requests, e.g. by every turn of a "
                           "conversation (default: 256; 0 disables)")
@@ -141,8 +141,9 @@ def cmd_serve(args) -> int:
                            max_queue=args.max_queue, audio_cache_bytes=int(args.audio_cache_mb * 2**20),
                            n_mels=pipe.processor.n_mels)
         name = served_name(args.served_model_name, args.model)
-        print(f"KV cache: {engine.num_slots} slots x {engine.max_len} tokens "
-              f"({engine.kv_cache_bytes / 2**20:.0f} MiB); serving {name!r} on http://{args.host}:{args.port}/",
+        print(f"KV cache: {len(engine.blocks.blocks)} blocks of {engine.blocks.block_size} tokens "
+              f"({engine.kv_cache_bytes / 2**20:.0f} MiB), up to {engine.num_slots} requests of at most {engine.max_len} "
+              f"tokens at once; serving {name!r} on http://{args.host}:{args.port}/",
               file=sys.stderr, flush=True)
         config = ServerConfig(model_name=name, max_request_bytes=int(args.max_request_mb * 2**20),
                               max_audio_seconds=args.max_audio_seconds, max_audios=args.max_audios,

@@ -77,6 +77,12 @@ class ServerMetrics:
             ("qwen2audio_audio_cache_misses_total", "counter", "Audio windows encoded by the audio tower.",
              stats["audio_cache_misses"]),
             ("qwen2audio_engine_steps_total", "counter", "Engine steps run.", stats.get("steps", 0)),
+            ("qwen2audio_prefix_cache_hit_tokens_total", "counter",
+             "Prompt tokens whose keys/values came from the prefix cache.", stats.get("prompt_tokens_cached", 0)),
+            ("qwen2audio_kv_cache_blocks_free", "gauge", "Paged KV-cache blocks free now (cached ones included).",
+             stats.get("kv_blocks_free", 0)),
+            ("qwen2audio_engine_preemptions_total", "counter", "Running requests preempted for KV-cache blocks.",
+             stats.get("preemptions", 0)),
         ]
         for name, kind, help_, value in scalar:
             lines += family(name, kind, help_, [f"{name} {value}"])
