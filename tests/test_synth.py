@@ -384,3 +384,23 @@ def test_default_model_training_state_round_trip(tmp_path, monkeypatch):
     fresh = tmp_path / "fresh"  # a new machine: the repository's checkpoint comes back into the run
     train_default.restore_state(fresh, "leg1")
     assert (fresh / "runs" / "leg1" / "checkpoints" / "step-00000050" / "state.json").read_text() == "50"
+
+
+def test_default_model_exports_stack_every_legs_training():
+    """Two legs' LoRA pairs on one layer stack along the rank: merging the stacked pair equals merging the
+    earlier leg's, then the later leg's; plain tensors come from the later leg."""
+    import torch
+
+    from qwen2audio.bundle.train_default import stack_trained
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=g)
+    a1, b1, a2, b2 = (torch.randn(*shape, generator=g) for shape in ((3, 5), (6, 3), (2, 5), (6, 2)))
+    earlier = {"m.lora_A.weight": a1, "m.lora_B.weight": b1, "p.weight": torch.zeros(2)}
+    later = {"m.lora_A.weight": a2, "m.lora_B.weight": b2, "p.weight": torch.ones(2)}
+    stacked = stack_trained(earlier, 2.0, later, 0.5)
+    assert stacked["m.lora_A.weight"].shape == (5, 5) and torch.equal(stacked["p.weight"], torch.ones(2))
+    one_by_one = weight + 2.0 * b1 @ a1 + 0.5 * b2 @ a2
+    torch.testing.assert_close(weight + stacked["m.lora_B.weight"] @ stacked["m.lora_A.weight"], one_by_one)
+    only_later = stack_trained({}, 1.0, later, 0.5)
+    torch.testing.assert_close(only_later["m.lora_B.weight"], 0.5 * b2)
