@@ -147,3 +147,8 @@ def asr_prompt(language: str | None = None) -> str:
     """ASR prompt; with a language the target's leading tag is given (`<|en|>`), else the model emits it."""
     prompt = TASK_PROMPTS["asr"]
     return f"{prompt} <|{language}|>" if language else prompt
+
+
+def translation_prompt(source: str, target: str = "en") -> str:
+    """The paper's speech-translation (S2TT) prompt, e.g. `Translate the German speech into English:`."""
+    return f"Translate the {ASR_LANGUAGES[source]} speech into {ASR_LANGUAGES[target]}:"

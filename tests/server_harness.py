@@ -14,7 +14,7 @@ import uvicorn
 
 import qwen2audio
 from qwen2audio.engine.llm_engine import LLMEngine
-from qwen2audio.server.app import ServerConfig, create_app
+from qwen2audio.server.app import KEEP_ALIVE_S, ServerConfig, create_app
 
 MODEL = "tiny"
 
@@ -27,7 +27,8 @@ class RunningServer:
         sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this very socket
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                    timeout_keep_alive=KEEP_ALIVE_S))  # as `qwen2audio serve`
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -1,4 +1,4 @@
-"""The HTTP server: OpenAI-compatible chat completions and transcriptions over the engine, plus
+"""The HTTP server: OpenAI-compatible chat completions, transcriptions and translations over the engine, plus
 /v1/models, /health, /metrics and the web page at /.
 
 Request handling runs on the event loop; decoding audio, fetching media and tokenizing run in the
@@ -23,12 +23,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import strip_tags
 from ..audio import MIN_SAMPLES
-from ..chat import ASR_LANGUAGES, asr_prompt, raw_prompt
+from ..chat import ASR_LANGUAGES, asr_prompt, raw_prompt, translation_prompt
 from ..engine.inputs import PromptInputs, prepare_chat, prepare_prompt
 from ..engine.llm_engine import LLMEngine
 from ..engine.sampling import SamplingParams
@@ -38,12 +37,18 @@ from ..features import N_SAMPLES, SAMPLE_RATE
 from .errors import APIError, BodyTooLarge, error_body, error_response
 from .media import MediaPolicy, decode_audio, fetch_source
 from .metrics import ServerMetrics
-from .protocol import (ChatRequest, TagStripper, chat_logprobs, chunk, completion, new_id, parse_chat_request,
-                       parse_json, sse, usage, verbose_transcription)
+from .protocol import (ChatRequest, TagStripper, chat_logprobs, chunk, completion, form_text, new_id,
+                       parse_chat_request, parse_json, parse_speech_form, speech_usage, sse, usage,
+                       verbose_transcription)
 
 log = logging.getLogger("qwen2audio.server")
 STATIC_DIR = Path(__file__).parent / "static"
 TAG = re.compile(r"<\|([a-z]{2,3})\|>")
+# Idle keep-alive connections are closed after this many seconds: longer than clients keep theirs (httpx, so the
+# openai client, drops an idle pooled connection after 5 s). At uvicorn's default of 5 s both ends let go at the same
+# moment, and a request sent 5 s after the last one could meet "Server disconnected without sending a response".
+KEEP_ALIVE_S = 75
+DETECT_TOKENS = 8  # enough for the language tag the ASR prompt's answer starts with (<|yue|> is several tokens)
 
 
 @dataclass
@@ -157,12 +162,6 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
             raise APIError(400, "model must be a string", "invalid_value", "model")
         raise APIError(404, f"the model {name!r} does not exist; this server serves {config.model_name!r}",
                        "model_not_found", "model")
-
-    def text_field(form, name: str) -> str | None:
-        value = form.get(name)
-        if value is not None and not isinstance(value, str):
-            raise APIError(400, f"form field {name!r} must be text, not a file", "invalid_value", name)
-        return value or None
 
     def check_queue() -> None:
         """Refuse early when the queue is full, before decoding audio that would be thrown away."""
@@ -335,96 +334,98 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
                 engine.cancel(seq)
                 metrics.record("chat", 499)
 
-    def transcription_form(form) -> dict:
-        """The checked fields of a transcription request (everything but the audio)."""
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise APIError(400, "send the audio as a multipart/form-data upload in the field 'file'",
-                           "missing_file", "file")
-        check_model(text_field(form, "model"))
-        language = text_field(form, "language")
-        if language is not None and language not in ASR_LANGUAGES:
-            raise APIError(400, f"language {language[:20]!r} is not one this model transcribes; use one of "
-                                f"{', '.join(ASR_LANGUAGES)}, or leave it out to have the language detected",
-                           "invalid_value", "language")
-        fmt = text_field(form, "response_format") or "json"
-        if fmt not in ("json", "text", "verbose_json"):
-            raise APIError(400, f"response_format {fmt!r} is not supported; use json, text or verbose_json (this "
-                                f"model gives no timestamps for srt or vtt)", "unsupported_parameter", "response_format")
-        stream = (text_field(form, "stream") or "false").lower()
-        if stream not in ("true", "false"):
-            raise APIError(400, "stream must be true or false", "invalid_value", "stream")
-        if stream == "true" and fmt == "verbose_json":
-            raise APIError(400, "stream=true gives text events; ask for json or text with it, not verbose_json",
-                           "unsupported_parameter", "response_format")
-        try:
-            temperature = float(text_field(form, "temperature") or 0.0)
-            if not 0 <= temperature <= 2:
-                raise ValueError
-            # verbose_json segments carry avg_logprob: ask the engine for each token's log-probability
-            params = SamplingParams(temperature=temperature, logprobs=0 if fmt == "verbose_json" else None)
-        except ValueError:  # float("x"), nan, inf, out of range
-            raise APIError(400, "temperature must be a number in [0, 2]", "invalid_value", "temperature") from None
-        return {"upload": upload, "language": language, "format": fmt, "stream": stream == "true", "params": params}
+    def submit_speech(wav, instruction: str, params: SamplingParams, max_tokens: int | None, arrival: float):
+        # `prompt` (Whisper's context text) has no counterpart in Qwen2-Audio's task prompts: ignored.
+        prompt = prepare_prompt(tokenizer, raw_prompt(instruction), [wav], config.truncate)
+        room = engine.max_len - len(prompt.ids)  # a larger max_completion_tokens is cut to what fits, as in vLLM
+        return submit(prompt, params, max(1, min(max_tokens or config.transcription_max_tokens, room)), False, arrival)
 
-    def submit_asr(wav, language, params, arrival) -> tuple[Sequence, _Bridge]:
-        # `prompt` (Whisper's context text) has no counterpart in Qwen2-Audio's ASR prompt: ignored.
-        prompt = prepare_prompt(tokenizer, raw_prompt(asr_prompt(language)), [wav], config.truncate)
-        room = engine.max_len - len(prompt.ids)
-        return submit(prompt, params, max(1, min(config.transcription_max_tokens, room)), False, arrival)
+    async def detect_language(request: Request, wav, arrival: float) -> str | None:
+        """The language tag the model writes first on the ASR prompt (`<|de|>`); None if the client left."""
+        seq, bridge = await run_in_threadpool(submit_speech, wav, asr_prompt(None), SamplingParams(temperature=0.0),
+                                              DETECT_TOKENS, arrival)
+        result = await gather(request, seq, bridge)
+        if result is None:
+            return None
+        if result[1].finish_reason == "error":
+            raise APIError(500, result[1].error or "generation failed", "generation_failed")
+        found = TAG.search(result[0])
+        if found is None or found.group(1) not in ASR_LANGUAGES:
+            raise APIError(400, "could not tell the language of the speech (the model wrote no language tag); send "
+                                "its code in the form field 'language' (e.g. extra_body={'language': 'de'})",
+                           "language_not_detected", "language")
+        return found.group(1)
 
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request):
+    async def speech(request: Request, endpoint: str):
+        """/v1/audio/transcriptions and /v1/audio/translations: one clip, the base model's task prompt."""
         arrival = time.perf_counter()
         submitted = []
         try:
             check_queue()
             form = await request.form(max_files=1, max_fields=16)
-            fields = transcription_form(form)
-            data = await fields["upload"].read()
+            check_model(form_text(form, "model"))
+            req = parse_speech_form(form, endpoint, ASR_LANGUAGES)
+            data = await req.upload.read()
             if not data:
                 raise APIError(400, "the uploaded file is empty (0 bytes)", "invalid_audio", "file")
             wav = await run_in_threadpool(decode_within_limit, data, "file", 0.0)
+            if endpoint == "translations":
+                source = req.language or await detect_language(request, wav, arrival)
+                if source is None:
+                    metrics.record(endpoint, 499)
+                    return Response(status_code=499)
+                instruction = translation_prompt(source, req.to_language or "en")
+            else:
+                instruction = asr_prompt(req.language)
             # verbose_json: one request per 30 s window, so that each segment's text is that window's own
-            clips = [wav[i: i + N_SAMPLES] for i in range(0, len(wav), N_SAMPLES)] if fields["format"] == "verbose_json" \
+            clips = [wav[i: i + N_SAMPLES] for i in range(0, len(wav), N_SAMPLES)] if req.format == "verbose_json" \
                 else [wav]
             if len(clips) > 1 and len(clips[-1]) < MIN_SAMPLES:  # too short for an audio token: part of the window before
                 clips[-2:] = [np.concatenate(clips[-2:])]
             for clip in clips:
-                submitted.append(await run_in_threadpool(submit_asr, clip, fields["language"], fields["params"], arrival))
+                submitted.append(await run_in_threadpool(submit_speech, clip, instruction, req.params, req.max_tokens,
+                                                         arrival))
         except (APIError, Qwen2AudioError) as e:
             for seq, _ in submitted:
                 engine.cancel(seq)
             e = e if isinstance(e, APIError) else APIError(400, str(e), "invalid_value")
-            metrics.record("transcriptions", e.status)
+            metrics.record(endpoint, e.status)
             return error_response(e)
-        if fields["stream"]:
+        seconds = len(wav) / SAMPLE_RATE
+        if req.stream:
             seq, bridge = submitted[0]
-            return StreamingResponse(stream_transcription(seq, bridge), media_type="text/event-stream",
+            return StreamingResponse(stream_transcription(seq, bridge, seconds), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results = []
         for i, (seq, bridge) in enumerate(submitted):
-            result, failure = await answer_or_failure("transcriptions", request, seq, bridge,
+            result, failure = await answer_or_failure(endpoint, request, seq, bridge,
                                                       last_part=i == len(submitted) - 1)
             if failure is not None:
                 for other, _ in submitted[i + 1:]:
                     engine.cancel(other)
                 return failure
             results.append(result)
-        prompt_tokens = sum(r[1].prompt_tokens for r in results)
-        output_tokens = sum(r[1].completion_tokens for r in results)
-        usage_ = {"type": "tokens", "input_tokens": prompt_tokens, "output_tokens": output_tokens,
-                  "total_tokens": prompt_tokens + output_tokens}
-        if fields["format"] == "verbose_json":
+        usage_ = speech_usage(sum(r[1].prompt_tokens for r in results), sum(r[1].completion_tokens for r in results),
+                              seconds)
+        if req.format == "verbose_json":
             spoken = next((m.group(1) for raw, _, _ in results for m in [TAG.search(raw)] if m), None)
-            return verbose_transcription(results, fields["language"] or spoken or "unknown", len(wav) / SAMPLE_RATE,
-                                         N_SAMPLES / SAMPLE_RATE, fields["params"].temperature, usage_)
+            return verbose_transcription(results, req.language or spoken or "unknown", seconds,
+                                         N_SAMPLES / SAMPLE_RATE, req.params.temperature, usage_)
         text = strip_tags(results[0][0])
-        if fields["format"] == "text":
+        if req.format == "text":
             return PlainTextResponse(text)
-        return {"text": text, "usage": usage_}
+        # OpenAI's translation object is {"text"} alone
+        return {"text": text, "usage": usage_} if endpoint == "transcriptions" else {"text": text}
 
-    async def stream_transcription(seq: Sequence, bridge: _Bridge):
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        return await speech(request, "transcriptions")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request):
+        return await speech(request, "translations")
+
+    async def stream_transcription(seq: Sequence, bridge: _Bridge, seconds: float):
         """OpenAI's transcription stream: transcript.text.delta events, then transcript.text.done."""
         stripper, done = TagStripper(), False
         try:
@@ -447,9 +448,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
             else:
                 metrics.record("transcriptions", 200, **timings(seq))
                 yield sse({"type": "transcript.text.done", "text": stripper.text(),
-                           "usage": {"type": "tokens", "input_tokens": last.prompt_tokens,
-                                     "output_tokens": last.completion_tokens,
-                                     "total_tokens": last.prompt_tokens + last.completion_tokens}})
+                           "usage": speech_usage(last.prompt_tokens, last.completion_tokens, seconds)})
             yield sse("[DONE]")
         finally:
             if not done:

@@ -124,7 +124,7 @@ def cmd_serve(args) -> int:
 
     from ..cli import load_pipeline
     from ..engine.llm_engine import LLMEngine
-    from .app import ServerConfig, create_app
+    from .app import KEEP_ALIVE_S, ServerConfig, create_app
     from .media import MediaPolicy
 
     policy = MediaPolicy(allowed_local_dir=args.allowed_local_media_path, allow_remote=args.allow_remote_audio,
@@ -148,7 +148,8 @@ def cmd_serve(args) -> int:
         config = ServerConfig(model_name=name, max_request_bytes=int(args.max_request_mb * 2**20),
                               max_audio_seconds=args.max_audio_seconds, max_audios=args.max_audios,
                               default_max_tokens=args.default_max_tokens, truncate=args.truncate, media=policy)
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level=args.log_level))
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level=args.log_level,
+                                               timeout_keep_alive=KEEP_ALIVE_S))
         server.run(sockets=[sock])
     finally:
         sock.close()

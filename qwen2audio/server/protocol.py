@@ -173,6 +173,108 @@ def parse_chat_request(body: dict) -> ChatRequest:
     return ChatRequest(messages, audio, params, max_tokens, stream, bool(options.get("include_usage")), ignore_eos)
 
 
+# ---- /v1/audio/transcriptions and /v1/audio/translations (multipart forms) -------------------------
+# OpenAI's fields plus the sampling extensions the chat endpoint takes (vLLM's names). Any other field, vLLM's
+# `use_beam_search`, `n`, `min_p`, `stream_include_usage`... or a misspelling, is refused, never silently ignored.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_completion_tokens")
+SPEECH_FIELDS = {
+    "transcriptions": {"file", "model", "language", "prompt", "response_format", "stream", "timestamp_granularities[]",
+                       *SAMPLING_FIELDS},
+    # `language` (the speech's, detected when absent) and `to_language` (default en) as vLLM names them
+    "translations": {"file", "model", "language", "to_language", "prompt", "response_format", *SAMPLING_FIELDS},
+}
+SPEECH_FORMATS = {"transcriptions": ("json", "text", "verbose_json"), "translations": ("json", "text")}
+
+
+@dataclass
+class SpeechRequest:
+    upload: object  # starlette UploadFile
+    language: str | None  # of the speech; None: detected
+    to_language: str | None  # translations only
+    format: str
+    stream: bool
+    params: SamplingParams
+    max_tokens: int | None  # None: the server's default for the endpoint
+
+
+def form_text(form, name: str) -> str | None:
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, f"form field {name!r} must be text, not a file", "invalid_value", name)
+    return value or None
+
+
+def _form_number(form, name: str, default, integer=False, **bounds):
+    text = form_text(form, name)
+    if text is None:
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'}, got {text[:40]!r}",
+                       "invalid_value", name) from None
+    return _number({name: value}, name, default, integer=integer, **bounds)
+
+
+def _language(form, name: str, languages) -> str | None:
+    code = form_text(form, name)
+    if code is not None and code not in languages:
+        what = "one this model transcribes" if name == "language" else "a language this model translates into"
+        raise APIError(400, f"{name} {code[:20]!r} is not {what}; use one of {', '.join(languages)}"
+                            + (", or leave it out to have it detected" if name == "language" else ""),
+                       "invalid_value", name)
+    return code
+
+
+def parse_speech_form(form, endpoint: str, languages) -> SpeechRequest:
+    """The checked fields of a transcription or translation form (`form.get("model")` is checked by the caller)."""
+    fields = SPEECH_FIELDS[endpoint]
+    for name in form.keys():
+        if name not in fields:
+            raise APIError(400, f"{name!r} is not supported by /v1/audio/{endpoint}; it takes "
+                                f"{', '.join(sorted(fields))}", "unsupported_parameter", name)
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise APIError(400, "send the audio as a multipart/form-data upload in the field 'file'",
+                       "missing_file", "file")
+    fmt = form_text(form, "response_format") or "json"
+    if fmt not in SPEECH_FORMATS[endpoint]:
+        raise APIError(400, f"response_format {fmt!r} is not supported; use {', '.join(SPEECH_FORMATS[endpoint])} (this "
+                            f"model gives no timestamps for srt or vtt)", "unsupported_parameter", "response_format")
+    stream = (form_text(form, "stream") or "false").lower()
+    if stream not in ("true", "false"):
+        raise APIError(400, "stream must be true or false", "invalid_value", "stream")
+    if stream == "true" and fmt == "verbose_json":
+        raise APIError(400, "stream=true gives text events; ask for json or text with it, not verbose_json",
+                       "unsupported_parameter", "response_format")
+    granularities = form.getlist("timestamp_granularities[]")
+    if any(g != "segment" for g in granularities) or (granularities and fmt != "verbose_json"):
+        raise APIError(400, "timestamp_granularities[] takes only 'segment' (one per 30 s window; this model gives no "
+                            "word timestamps), with response_format verbose_json", "unsupported_parameter",
+                       "timestamp_granularities[]")
+    temperature = _form_number(form, "temperature", 0.0, lo=0, hi=2)  # OpenAI's default for speech is 0
+    penalty_lo, penalty_hi = REPETITION_PENALTY_RANGE
+    params = SamplingParams(
+        temperature=float(temperature),
+        top_p=float(_form_number(form, "top_p", 1.0, lo=0, hi=1, lo_open=True)),
+        top_k=max(0, _form_number(form, "top_k", 0, integer=True, lo=-1)),
+        repetition_penalty=float(_form_number(form, "repetition_penalty", 1.0, lo=penalty_lo, hi=penalty_hi)),
+        seed=_form_number(form, "seed", None, integer=True, lo=-(2**63), hi=2**63 - 1),
+        # verbose_json segments carry avg_logprob: ask the engine for each token's log-probability
+        logprobs=0 if fmt == "verbose_json" else None,
+    )
+    return SpeechRequest(upload, _language(form, "language", languages),
+                         _language(form, "to_language", languages) if endpoint == "translations" else None,
+                         fmt, stream == "true", params,
+                         _form_number(form, "max_completion_tokens", None, integer=True, lo=1))
+
+
+def speech_usage(prompt_tokens: int, output_tokens: int, seconds: float) -> dict:
+    """OpenAI's token usage, plus the audio's `seconds` (rounded up, as vLLM and OpenAI's duration usage give it)."""
+    return {"type": "tokens", "input_tokens": prompt_tokens, "output_tokens": output_tokens,
+            "total_tokens": prompt_tokens + output_tokens, "seconds": math.ceil(seconds)}
+
+
 # ---- responses ----------------------------------------------------------------------------------
 def new_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
