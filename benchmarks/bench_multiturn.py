@@ -80,6 +80,7 @@ class Server:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
             try:
                 self.http.get(f"{self.url}/health", timeout=2).raise_for_status()
+                self.model = self.http.get(f"{self.url}/v1/models").json()["data"][0]["id"]
                 return
             except httpx.HTTPError:
                 time.sleep(0.3)
@@ -88,7 +89,7 @@ class Server:
 
     def chat(self, messages: list[dict], tokens: int) -> dict:
         """Stream one greedy answer -> text, TTFT (wall s), server CPU s to the first token and in all."""
-        body = {"model": "x", "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True}
+        body = {"model": self.model, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True}
         c0, t0 = process_cpu(self.proc.pid), time.perf_counter()
         first = first_cpu = None
         text = []

@@ -86,6 +86,7 @@ def stop_ids_from(directory: Path, processor: Qwen2AudioProcessor) -> set[int]:
 # that needs more gets a bigger engine.
 PIPELINE_KV_BYTES = 2 * 2**30
 PIPELINE_MAX_BATCH = 32  # requests of one chat_batch run together; more run in waves
+PIPELINE_MIN_TOKENS = 8192  # the smallest KV cache a Pipeline makes (within PIPELINE_KV_BYTES): calls vary in size
 
 
 class Pipeline:
@@ -160,7 +161,8 @@ class Pipeline:
         limit = self.model.config.text_config.max_position_embeddings
         longest = -(-min(max((len(p.ids) for p in prompts), default=0) + extra, limit) // BLOCK_SIZE)
         cap = PIPELINE_KV_BYTES // (kv_bytes_per_token(self.model) * BLOCK_SIZE)
-        demand = max(longest, min(cap, sum(-(-(len(p.ids) + extra) // BLOCK_SIZE) for p in prompts)), 1)
+        wanted = sum(-(-(len(p.ids) + extra) // BLOCK_SIZE) for p in prompts)
+        demand = max(longest, min(cap, max(wanted, PIPELINE_MIN_TOKENS // BLOCK_SIZE)), 1)
         engine = self._engine
         if engine is None or weights != self._weights or len(engine.blocks.blocks) < demand:
             blocks = max(demand, len(engine.blocks.blocks) if engine is not None and weights == self._weights else 0)

@@ -124,28 +124,26 @@ def test_cuda_graph_decode_equals_eager_across_span_buckets(pipe, no_tf32):
     assert graphed == expected
 
 
-def test_a_cache_over_the_shared_budget_is_used_once_and_not_kept(pipe, monkeypatch):
-    from qwen2audio.engine import cuda_graphs
-
-    pipe.chat(CONVERSATIONS[0], max_new_tokens=2)  # the model keeps this call's cache (or an earlier one)
-    kept = pipe.model._decode_graphs
-    assert kept.rows < 8  # the batch below needs a new cache
+def test_the_pipelines_engine_is_kept_and_its_graphs_equal_eager(pipe):
+    pipe.chat(CONVERSATIONS[0], max_new_tokens=2)
+    engine = pipe._engine  # the Python API's engine, kept between calls (its KV cache and graphs with it)
+    assert engine.graphs is not None
     with eager(pipe.model):
         expected = pipe.chat_batch([CONVERSATIONS[0]] * 8, max_new_tokens=12)
-    monkeypatch.setattr(cuda_graphs, "SHARED_CACHE_BYTES", 0)
+    replays = engine.graphs.replays
     assert pipe.chat_batch([CONVERSATIONS[0]] * 8, max_new_tokens=12) == expected
-    assert pipe.model._decode_graphs is kept
+    assert pipe._engine is engine and engine.graphs.replays > replays
 
 
 def test_graphs_are_recaptured_after_the_weights_are_replaced(tiny_checkpoint):
     own = qwen2audio.load(tiny_checkpoint[0], device="cuda", dtype="float32", progress=False)
     own.chat(CONVERSATIONS[0], max_new_tokens=4)
-    before = own.model._decode_graphs
-    own.model.to("cpu").to("cuda")  # new parameter tensors: the kept graphs would read the freed ones
+    before = own._engine
+    own.model.to("cpu").to("cuda")  # new parameter tensors: the old graphs (and caches) would read freed ones
     with eager(own.model):
         expected = own.chat(CONVERSATIONS[0], max_new_tokens=20)
     assert own.chat(CONVERSATIONS[0], max_new_tokens=20) == expected
-    assert own.model._decode_graphs is not before
+    assert own._engine is not before and own._engine.graphs.replays > 0
 
 
 def test_continuous_batching_engine_on_cuda(pipe):

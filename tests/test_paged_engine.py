@@ -178,3 +178,21 @@ def test_chunked_prefill_does_not_stall_decoding_requests(pipe):
     run_until_idle(engine)
     assert text_of(long) == pipe.chat(long_conv, max_new_tokens=8)
     assert short.output_ids == short_alone.output_ids
+
+
+def test_the_pipeline_drops_its_caches_when_the_weights_change(tiny_checkpoint):
+    """The Python API keeps its engine (and prefix cache) between calls, but not past a change of the weights:
+    cached keys/values and audio encodings of the old weights would give wrong answers."""
+    import torch
+
+    own = qwen2audio.load(tiny_checkpoint[0], device="cpu", progress=False)
+    messages = [ask(sine(2.0, 420, seed=3))]
+    first = own.chat(messages, max_new_tokens=6)
+    engine = own._engine
+    assert own.chat(messages, max_new_tokens=6) == first
+    assert own._engine is engine and engine.counters["prompt_tokens_cached"] > 0
+    with torch.no_grad():
+        own.model.language_model.model.norm.weight.mul_(1.5)  # in place, as an optimiser step does
+    changed = own.chat(messages, max_new_tokens=6)
+    assert own._engine is not engine and own._engine.counters["prompt_tokens_cached"] == 0
+    assert changed == qwen2audio.api.Pipeline(own.model, own.processor, own.stop_ids).chat(messages, max_new_tokens=6)

@@ -54,9 +54,11 @@ class LLMEngine:
                  max_model_len: int | None = None, kv_cache_bytes: int | None = None, max_queue: int = 256,
                  prefill_token_budget: int = 4096, chunk_tokens: int = 512, block_size: int = BLOCK_SIZE,
                  num_blocks: int | None = None, audio_cache_bytes: int = 256 * 2**20, n_mels: int | None = None,
-                 batch_prefill: bool | None = None):
+                 batch_prefill: bool | None = None, prefix_caching: bool | None = None):
         """`max_batch` requests run at once; the KV cache holds `num_blocks` blocks of `block_size` tokens (default:
-        what `kv_cache_bytes` holds, or else max_batch full-length requests, the memory the fixed rows took)."""
+        what `kv_cache_bytes` holds, or else max_batch full-length requests, the memory the fixed rows took).
+        `prefix_caching` (default: on unless a layer declares `batch_invariant = False`, as quantised ones do, whose
+        results depend on the rows computed together) lets prompts share cached blocks."""
         if max_batch < 1:
             raise Qwen2AudioError("max_batch must be >= 1")
         self.model = model.eval()
@@ -82,8 +84,10 @@ class LLMEngine:
                                   audio_cache_bytes, self.n_mels)
         self.sampler = Sampler(max_batch, model.config.text_config.vocab_size, model.device)
         self.blocks = BlockManager(num_blocks, block_size)
+        if prefix_caching is None:
+            prefix_caching = all(getattr(m, "batch_invariant", True) for m in model.modules())
         self.scheduler = Scheduler(max_batch, self.max_len, max_queue, prefill_token_budget, self.blocks,
-                                   chunk_tokens=chunk_tokens)
+                                   chunk_tokens=chunk_tokens, prefix_caching=prefix_caching)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -91,7 +91,7 @@ class ModelRunner:
         table = self._table(seqs)
         read = torch.where(allowed, self._slots(table, keys.expand(B, S)), self._scratch(keys.expand(B, S)))
         write = self._slots(table, pos[:, None])  # (B, 1)
-        if self.graphs is not None:
+        if self.graphs is not None and self.model.use_cuda_graphs:  # (tests switch graphs off to compare with eager)
             return self.graphs(tokens, pos, write[:, 0], read, allowed)
         mask = None  # rows at one common position see exactly their own keys: no mask needed
         if not bool(allowed.all()):

@@ -131,13 +131,14 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, max_rows: int, max_len: int, max_queue: int, prefill_token_budget: int,
-                 blocks: BlockManager, chunk_tokens: int = 512):
+                 blocks: BlockManager, chunk_tokens: int = 512, prefix_caching: bool = True):
         self.max_rows = max_rows
         self.max_len = max_len
         self.max_queue = max_queue
         self.prefill_token_budget = prefill_token_budget  # prompt tokens per step while nobody decodes
         self.chunk_tokens = chunk_tokens  # prompt tokens per step while others decode
         self.blocks = blocks
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted (prefilling or decoding), in admission order
         self.free_rows = list(range(max_rows - 1, -1, -1))  # popped from the end: row 0 first
@@ -226,7 +227,9 @@ class Scheduler:
                 previous = seq.block_hashes[-1] if seq.block_hashes else None
                 seq.block_hashes += hashes_of(seq.token_ids, seq.audio_runs, bs, len(seq.block_hashes), full, previous)
             # at least the last token is computed: its logits choose the next one
-            cached = self.blocks.cached_prefix(seq.block_hashes[: (len(seq.token_ids) - 1) // bs])
+            cached = []
+            if self.prefix_caching:
+                cached = self.blocks.cached_prefix(seq.block_hashes[: (len(seq.token_ids) - 1) // bs])
             need = self.blocks.new_blocks_needed(cached, len(seq.token_ids))
             if need + (reserve if self.running else 0) > self.blocks.num_free:
                 return None

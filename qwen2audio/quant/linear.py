@@ -93,6 +93,10 @@ class QuantLinear(nn.Module):
     """Shared shape handling: (..., in_features) -> (..., out_features) in the input's dtype."""
 
     kernel: str  # which path forward takes, fixed at construction ("int8pack", "int4pack", "dequant")
+    # A row's result depends on how many rows are multiplied together (packed kernels below PREFILL_ROWS): the few
+    # new rows after a prefix-cache hit would not compute as a cold prefill does, so the engine turns the prefix
+    # cache off for models with such layers (engine/llm_engine.py).
+    batch_invariant = False
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
