@@ -265,6 +265,21 @@ def test_multi_audio_input(client, pipe, asset_host, names):
         assert r.choices[0].message.content == pipe.chat(inline(messages, names), max_new_tokens=10)
 
 
+def test_chat_refuses_vllm_only_fields(client):
+    """vLLM's chat server takes its own sampling fields; this one refuses them by name (deliberate difference), and
+    takes OpenAI's bookkeeping fields (user, metadata) and its documented extensions."""
+    messages = messages_with_input_audio("winning_call")
+    for extra in ({"min_p": 0.5}, {"use_beam_search": True}, {"best_of": 2}, {"guided_json": {"type": "object"}},
+                  {"temprature": 0.0}):
+        with pytest.raises(openai.BadRequestError, match=f"'{next(iter(extra))}' is not supported") as e:
+            client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=2, extra_body=extra)
+        assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] == next(iter(extra))
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=2, temperature=0.0,
+                                       user="u1", metadata={"k": "v"}, extra_body={"top_k": 5, "ignore_eos": True,
+                                                                                  "repetition_penalty": 1.1})
+    assert r.usage.completion_tokens == 2
+
+
 # ==== [E] audio embeddings ========================================================================
 def test_prompt_embeds_plus_audio_embeds(client):
     """[E] test_prompt_embeds_plus_audio_embeds: vLLM's --enable-mm-embeds parts are not taken here (deliberate

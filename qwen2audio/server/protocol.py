@@ -29,6 +29,14 @@ UNSUPPORTED = {
     "response_format": lambda v: v not in (None, {"type": "text"}),
 }
 
+# Every other field the chat endpoint takes: OpenAI's that it honours or that are bookkeeping for OpenAI's own
+# platform (user, metadata, store, ...: accepted and ignored), and its extensions. Any other name, vLLM's min_p or
+# use_beam_search or a misspelling, is refused, never silently ignored.
+CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+               "stream_options", "stop", "seed", "logprobs", "top_logprobs", "user", "metadata", "store",
+               "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
+               "top_k", "repetition_penalty", "ignore_eos", *UNSUPPORTED}
+
 
 @dataclass
 class ChatRequest:
@@ -120,6 +128,11 @@ def parse_messages(messages) -> tuple[list[dict], list[tuple[str, dict]]]:
 
 
 def parse_chat_request(body: dict) -> ChatRequest:
+    for name, value in body.items():
+        if name not in CHAT_FIELDS and value is not None:
+            raise APIError(400, f"{str(name)[:40]!r} is not supported by /v1/chat/completions (this server takes "
+                                f"OpenAI's fields and top_k, repetition_penalty, ignore_eos)", "unsupported_parameter",
+                           str(name)[:40])
     for name, refused in UNSUPPORTED.items():
         if name in body and refused(body[name]):
             raise APIError(400, f"{name} is not supported by this server", "unsupported_parameter", name)
