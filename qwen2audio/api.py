@@ -15,6 +15,7 @@ from .engine import SamplingParams
 from .engine.inputs import PromptInputs, prepare_chat, prepare_prompt
 from .engine.kv_cache import BLOCK_SIZE
 from .engine.llm_engine import LLMEngine, iter_outputs
+from .engine.scheduler import PromptTooLong
 from .engine.model_runner import kv_bytes_per_token
 from .errors import Qwen2AudioError
 from .tokenizer import AUDIO
@@ -173,6 +174,11 @@ class Pipeline:
         return engine
 
     def _submit(self, prompts: list[PromptInputs], params: SamplingParams):
+        limit = self.model.config.text_config.max_position_embeddings
+        longest = max(len(p.ids) for p in prompts)
+        if longest + params.max_new_tokens > limit:
+            raise PromptTooLong(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+                                f"model's {limit} positions")
         with self._lock:
             engine = self.engine(prompts, params)
             return engine, [engine.submit(p, params) for p in prompts]
