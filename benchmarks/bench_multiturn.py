@@ -127,8 +127,8 @@ class Server:
 
 def conversation_turns(audio_b64: str, answers: list[str], upto: int) -> list[dict]:
     """The messages of turn `upto` (1-based): the clip and question 1, then each answer and the next question."""
-    messages = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}},
-                                             {"type": "text", "text": QUESTIONS[0]}]}]
+    audio = {"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}}
+    messages = [{"role": "user", "content": [audio, {"type": "text", "text": QUESTIONS[0]}]}]
     for k in range(1, upto):
         messages += [{"role": "assistant", "content": answers[k - 1]}, {"role": "user", "content": QUESTIONS[k]}]
     return messages

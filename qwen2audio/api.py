@@ -190,6 +190,8 @@ class Pipeline:
                     engine.step()
 
     def _run(self, prompts: list[PromptInputs], params: SamplingParams) -> list[str]:
+        if not prompts:
+            return []
         engine, seqs = self._submit(prompts, params)
         try:
             self._step_until(engine, lambda: all(s.finish_reason is not None for s in seqs))

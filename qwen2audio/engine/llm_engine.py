@@ -76,8 +76,8 @@ class LLMEngine:
             num_blocks = int(total // per_block)
         if num_blocks * block_size < self.max_len:
             raise Qwen2AudioError(f"a KV cache of {num_blocks * per_block / 2**30:.3f} GiB ({num_blocks} blocks of "
-                                  f"{block_size} tokens) holds no request of {self.max_len} tokens: raise the budget or "
-                                  f"lower the maximum model length")
+                                  f"{block_size} tokens) holds no request of {self.max_len} tokens: raise the budget "
+                                  f"or lower the maximum model length")
         # Every key exists from the start, so that stats() readers on other threads never see the dict grow.
         self.counters: Counter = Counter(dict.fromkeys(COUNTERS, 0))
         self.runner = ModelRunner(model, num_blocks, block_size, max_batch, self.max_len, self.counters,

@@ -95,8 +95,8 @@ class ModelRunner:
             return self.graphs(tokens, pos, write[:, 0], read, allowed)
         mask = None  # rows at one common position see exactly their own keys: no mask needed
         if not bool(allowed.all()):
-            mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=device).masked_fill_(~allowed, float("-inf"))
-            mask = mask[:, None, None, :]  # (B, 1, 1, S)
+            mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=device)
+            mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
         embeds = lm.model.embed_tokens(tokens[:, None])  # generated ids are plain text: no audio to merge
         hidden = lm.model(embeds, pos[:, None], mask, PagedBatch(self.kv, write, read), None)
         return lm.lm_head(hidden[:, -1]).float()
