@@ -71,9 +71,9 @@ class LLMEngine:
         limit = model.config.text_config.max_position_embeddings
         self.max_len = min(max_model_len or min(limit, 4096), limit)
         per_block = kv_bytes_per_token(model) * block_size
-        if num_blocks is None:
-            total = kv_cache_bytes if kv_cache_bytes is not None else max_batch * self.max_len * per_block // block_size
-            num_blocks = int(total // per_block)
+        if num_blocks is None:  # by default, whole blocks for max_batch requests of the full length
+            num_blocks = (int(kv_cache_bytes // per_block) if kv_cache_bytes is not None
+                          else max_batch * -(-self.max_len // block_size))
         if num_blocks * block_size < self.max_len:
             raise Qwen2AudioError(f"a KV cache of {num_blocks * per_block / 2**30:.3f} GiB ({num_blocks} blocks of "
                                   f"{block_size} tokens) holds no request of {self.max_len} tokens: raise the budget "
