@@ -16,7 +16,8 @@
 A run stops whenever the machine goes (a session ends): every `save_every` steps its checkpoint (the
 projector, LoRA factors, AdamW moments, RNG and data position: up to about 17 MB) is what `save-state` copies
 into the repository (`training/default_model/LEG/`), and the next machine's run starts from there
-(`restore_state`). A finished leg leaves only its export (`save-state --final`: LEG.safetensors). The
+(`restore_state`). A finished leg leaves only its export (`save-state --final`: LEG.safetensors). The LLM's
+answers for leg 5, hours of generation, travel the same way (answers.jsonl). The
 paths of the run are part of its identity (the trainer refuses a resume with another model or data),
 so WORK must be the same on every machine (default `$HOME/work`).
 """
@@ -73,6 +74,7 @@ PREVIOUS = {"leg2": "leg1", "leg3": "leg2", "leg4": "leg3", "leg5": "leg4"}
 CURRENT = "leg4"  # the leg `train` continues by default
 OPEN_SHARE = 0.5  # of the English open-vocabulary sentences also trained as voice chat
 SAVE_EVERY = 25
+ANSWERS = "answers.jsonl"  # the original LLM's answers to the voice-chat texts (answers.py), a resumable cache
 
 
 def _log(message: str) -> None:
@@ -108,7 +110,10 @@ def leg_data(work: Path, leg: str) -> Path:
         from .mixture import build_mixture, voice_chat_texts
 
         texts = voice_chat_texts(work / "corpus1", OPEN_SHARE, SEED)
-        answers = answer_texts(work / "init-model", texts, work / "answers.jsonl", log=_log)
+        cache = work / ANSWERS
+        if not cache.exists() and (STATE_DIR / ANSWERS).exists():  # hours of generation: kept with the state
+            shutil.copy2(STATE_DIR / ANSWERS, cache)
+        answers = answer_texts(work / "init-model", texts, cache, log=_log)
         out, counts = build_mixture(work / "corpus1", answers, leg, OPEN_SHARE, SEED)
         _log(f"{leg} data: {counts}")
         return out
@@ -145,6 +150,8 @@ def save_state(work: Path, leg: str, final: bool = False) -> Path | None:
     """Copy the run's latest checkpoint into the repository (replacing the previous one) for the next machine.
     `final`: the leg is finished; keep only its export (everything trained so far, what the next leg starts
     from) as training/default_model/LEG.safetensors, in place of its checkpoint."""
+    if (work / ANSWERS).exists():
+        shutil.copy2(work / ANSWERS, STATE_DIR / ANSWERS)
     latest = latest_checkpoint(work / "runs" / leg)
     if latest is None:
         return None
