@@ -3,7 +3,7 @@ the block budget, preemption (recompute) and chunked prefill mixed with decode s
 hand on the tiny model (fp32, greedy unless said)."""
 
 import pytest
-from tiny import sine
+from tiny import run_until_idle, sine
 
 import qwen2audio
 from qwen2audio.engine import SamplingParams
@@ -19,14 +19,6 @@ def pipe(tiny_checkpoint):
 
 def engine_for(pipe, **kw) -> LLMEngine:
     return LLMEngine(pipe.model, pipe.tokenizer, pipe.stop_ids, **kw)
-
-
-def run_until_idle(engine, limit=10_000):
-    for _ in range(limit):
-        if not engine.scheduler.has_work():
-            return
-        engine.step()
-    raise AssertionError("engine did not finish")
 
 
 def text_of(seq):

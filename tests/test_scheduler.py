@@ -2,7 +2,7 @@
 and on cancel, encoded-audio cache, queue and context limits. The engine is stepped by hand."""
 
 import pytest
-from tiny import sine
+from tiny import run_until_idle, sine
 
 import qwen2audio
 from qwen2audio.engine import SamplingParams
@@ -23,14 +23,6 @@ def engine_for(pipe, **kw) -> LLMEngine:
 def conv(i: int, text="What's that sound?"):
     return [{"role": "user", "content": [{"type": "audio", "audio": sine(0.8 + 0.6 * i, 200 + 90 * i, seed=i)},
                                          {"type": "text", "text": text}]}]
-
-
-def run_until_idle(engine, limit=10_000):
-    for _ in range(limit):
-        if not engine.scheduler.has_work():
-            return
-        engine.step()
-    raise AssertionError("engine did not finish")
 
 
 def result(seq):

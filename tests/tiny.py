@@ -72,3 +72,12 @@ def sine(seconds: float, freq: float = 440.0, sr: int = 16000, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sr)) / sr
     return (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def run_until_idle(engine, limit=10_000):
+    """Step an LLMEngine until it has no work left."""
+    for _ in range(limit):
+        if not engine.scheduler.has_work():
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
