@@ -49,20 +49,24 @@ ENCODER_LORA = ["--lora", "--set", "lora_parts=audio_tower", "--lora-r", "16", "
 ALL_LORA = ["--unfreeze", "audio_tower", "--unfreeze", "llm", "--lora", "--set", "lora_parts=audio_tower,llm",
             "--set", "lora_target_modules=q_proj,v_proj,out_proj,fc1,fc2", "--lora-r", "8", "--lora-alpha", "16",
             "--set", "lora_dropout=0"]
+# bf16 autocast where the CPU multiplies bf16 natively (AVX-512/AMX: 1024^3 matmuls about 3x fp32 on the EPYC we
+# trained on); on AVX2 it is emulated and several times slower than fp32. Not a resume invariant, so a leg may
+# move between machines of both kinds.
+PRECISION = ["--set", "precision=" + ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")]
 LEGS = {
     # name: (items of the corpus whose task records it trains on, train flags)
     "leg1": ("chat=3000,asterisk=all,sound=1200,music=366",
-             ["--freeze", "llm", "--set", "precision=fp32", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2400",
+             ["--freeze", "llm", *PRECISION, "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2400",
               "--max-length", "320", "--set", "warmup_steps=50", "--set", "audio_cache_gb=3"]),
     "leg2": (CORPUS_SIZE,
-             ["--freeze", "llm", "--set", "precision=fp32", "--lr", "5e-4", "--batch-size", "4", "--max-steps", "4000",
+             ["--freeze", "llm", *PRECISION, "--lr", "5e-4", "--batch-size", "4", "--max-steps", "4000",
               "--max-length", "320", "--set", "warmup_steps=20", "--set", "audio_cache_gb=3"]),
-    "leg3": (CORPUS_SIZE, ["--freeze", "llm", "--unfreeze", "audio_tower", *ENCODER_LORA, "--set", "precision=fp32",
+    "leg3": (CORPUS_SIZE, ["--freeze", "llm", "--unfreeze", "audio_tower", *ENCODER_LORA, *PRECISION,
                            "--lr", "1e-3", "--batch-size", "4", "--max-steps", "4000", "--max-length", "320",
                            "--set", "warmup_steps=50"]),
-    "leg4": (CORPUS_SIZE, [*ALL_LORA, "--set", "precision=fp32", "--lr", "5e-4", "--batch-size", "4",
+    "leg4": (CORPUS_SIZE, [*ALL_LORA, *PRECISION, "--lr", "5e-4", "--batch-size", "4",
                            "--max-steps", "8000", "--max-length", "320", "--set", "warmup_steps=50"]),
-    "leg5": (CORPUS_SIZE, [*ALL_LORA, "--set", "precision=fp32", "--lr", "3e-4", "--batch-size", "4",
+    "leg5": (CORPUS_SIZE, [*ALL_LORA, *PRECISION, "--lr", "3e-4", "--batch-size", "4",
                            "--max-steps", "4000", "--max-length", "320", "--set", "warmup_steps=20"]),
 }
 # Leg 1 was stopped at step 450 of its schedule: its task records are one third template questions, and its
@@ -265,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="save-state: the leg is finished; keep only its export (what the next leg starts from)")
     args = p.parse_args(argv)
     work, python = args.work, sys.executable
-    if args.what in ("all", "corpus"):
+    # `train` on a new machine first rebuilds the seeded corpus (about 26 minutes on 2 cores)
+    if args.what in ("all", "corpus") or (args.what == "train" and not (work / "corpus1" / "manifest.json").exists()):
         _run([python, "-m", "qwen2audio", "synth", "--output", str(work / "corpus1"), "--size", CORPUS_SIZE,
               "--seed", str(SEED), "--jobs", str(args.jobs)])
     if args.what in ("all", "init"):
