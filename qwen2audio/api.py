@@ -27,12 +27,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def bundled_model_dir() -> Path | None:
-    """The small model shipped inside the package, when present."""
-    path = Path(__file__).parent / "assets" / "model"
-    return path if (path / "config.json").exists() else None
-
-
 def resolve_dtype(dtype, device: str) -> torch.dtype | None:
     if dtype is None or dtype == "auto":
         return None if str(device).startswith("cuda") else torch.float32
@@ -248,14 +242,15 @@ def strip_tags(text: str) -> str:
 
 def load(path: str | Path | None = None, device: str | None = None, dtype=None, progress: bool = True,
          truncate: bool = False, quantize: str | None = None) -> Pipeline:
-    """Load a checkpoint directory (or the bundled model when `path` is None) for inference.
+    """Load a checkpoint directory for inference; `path=None` is the default model (Whisper base encoder +
+    Qwen2.5-Coder-0.5B-Instruct, assembled from its pinned part packages on first use: bundle/assemble.py).
 
     `quantize="int8" | "int4"` replaces the LLM's linear layers by weight-only quantised ones after
     loading (qwen2audio.quant); the checkpoint on disk stays full precision."""
     if path is None:
-        path = bundled_model_dir()
-        if path is None:
-            raise CheckpointError("no model given and no bundled model is installed; pass a checkpoint directory")
+        from .bundle.assemble import default_model
+
+        path = default_model(quiet=not progress)
     directory = check_directory(path)
     device = device or default_device()
     model = Qwen2AudioModel.from_pretrained(directory, device=device, dtype=resolve_dtype(dtype, device),

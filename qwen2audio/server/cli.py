@@ -8,7 +8,7 @@ import socket
 import sys
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-BUNDLED_NAME = "qwen2audio-bundled"  # the bundled model's folder is called `model`: too vague as an id
+DEFAULT_NAME = "qwen2audio-default"  # the default model's folder is called `default-model`: too vague as an id
 
 
 def port_number(text: str) -> int:
@@ -23,12 +23,12 @@ def port_number(text: str) -> int:
 
 def served_name(option: str | None, model: str | None) -> str:
     """--served-model-name, else the --model directory's own name (`Qwen2-Audio-7B-Instruct`, also for `.` or
-    a path with a trailing slash), else the bundled model's id."""
+    a path with a trailing slash), else the default model's id."""
     from pathlib import Path
 
     if option:
         return option
-    return Path(model).resolve().name if model is not None else BUNDLED_NAME
+    return Path(model).resolve().name if model is not None else DEFAULT_NAME
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -79,7 +79,7 @@ def register(subparsers) -> dict:
     add_truncate_option(model)
     model.add_argument("--served-model-name", metavar="NAME", default=None,
                        help=f"the model id clients send and /v1/models lists (default: the --model directory's "
-                            f"name; {BUNDLED_NAME!r} for the bundled model)")
+                            f"name; {DEFAULT_NAME!r} for the default model)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     net.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default: 8000)")
