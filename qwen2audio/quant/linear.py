@@ -11,10 +11,12 @@ it is built, from its device and shape (never per call on a flag):
   bfloat16 activations (the bf16 variants are the fast ones: with float32 activations the int8 kernel
   is several times slower than a float32 matmul). They read 1 or ~0.6 bytes per weight instead of 4,
   which is what batch-1 decoding is bound by. Their outputs are cast back to the input dtype.
-  From `PREFILL_ROWS` rows on (prefill, big batches) the product is compute-bound and this AVX2 CPU has
-  no fast bfloat16 matmul (the packed kernels take 2.2x the float32 time for 300 rows): those rows
-  get the weight dequantised to the input dtype, `CHUNK` output rows at a time (a few MB, reused from
-  the allocator instead of page-faulting a whole fresh matrix), and an ordinary matmul.
+  From `PREFILL_ROWS` rows on (prefill, big batches) the product is compute-bound, and the packed
+  kernels are slower than an ordinary matmul there: those rows get the weight dequantised, `CHUNK`
+  output rows at a time (a few MB, reused from the allocator instead of page-faulting a whole fresh
+  matrix), and an ordinary matmul in `DEQUANT_DTYPE`: bfloat16 where oneDNN has a fast bf16 matmul
+  (AVX-512 or AMX: 300 rows of 4864 x 896 take 0.5x the float32 time on an AVX-512 EPYC), float32
+  where bf16 is emulated (AVX2: there the packed bf16 kernels took 2.2x the float32 time).
 - anything else (CUDA, shapes a packed kernel refuses): dequantise, then `F.linear` in the input dtype.
   Correct everywhere; not a fast path.
 
@@ -37,6 +39,7 @@ KERNEL_DTYPE = torch.bfloat16  # activation dtype of the packed CPU kernels
 
 
 PREFILL_ROWS = 32  # measured crossover on 2 AVX2 cores: 16 rows packed 4.1 ms vs 4.6; 64 rows 17.0 vs 10.6
+DEQUANT_DTYPE = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 CHUNK = 512  # output rows dequantised at once for the large-row path (a multiple of the int4 packing block)
 
 
@@ -117,10 +120,15 @@ class QuantLinear(nn.Module):
         """The float32 weight (out, in) this layer multiplies by; rows start:stop of it when given."""
         raise NotImplementedError
 
-    def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T through `CHUNK`-row slices of the dequantised weight, in x's dtype."""
-        return torch.cat([F.linear(x, self.dequantize(n, n + CHUNK).to(x.dtype))
+    def dequantized_matmul(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x @ W.T through `CHUNK`-row slices of the dequantised weight, computed in `dtype`."""
+        x = x.to(dtype)
+        return torch.cat([F.linear(x, self.dequantize(n, n + CHUNK).to(dtype))
                           for n in range(0, self.out_features, CHUNK)], dim=-1)
+
+    def large_rows_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """What a packed layer multiplies `PREFILL_ROWS` or more rows in (see the module's docstring)."""
+        return DEQUANT_DTYPE if x.dtype == torch.float32 else x.dtype
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}"
@@ -183,7 +191,7 @@ class Int8Linear(QuantLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int8pack" and x.shape[0] < PREFILL_ROWS:
             return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.qweight, self.scales)
-        return self.dequantized_matmul(x)
+        return self.dequantized_matmul(x, self.large_rows_dtype(x) if self.kernel == "int8pack" else x.dtype)
 
 
 class Int4Linear(QuantLinear):
@@ -246,4 +254,4 @@ class Int4Linear(QuantLinear):
         if self.kernel == "int4pack" and x.shape[0] < PREFILL_ROWS:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), self.qweight, self.group_size,
                                                               self.scales_and_zeros)
-        return self.dequantized_matmul(x)
+        return self.dequantized_matmul(x, self.large_rows_dtype(x) if self.kernel == "int4pack" else x.dtype)
