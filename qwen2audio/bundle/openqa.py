@@ -118,9 +118,11 @@ def all_questions(seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_eval_set(out_dir: str | Path, seed: int = 0, engines=("espeak", "flite", "festival")) -> Path:
+def write_eval_set(out_dir: str | Path, seed: int = 0, engines=("espeak", "flite", "festival"),
+                   indices=None) -> Path:
     """Speak every question (a seeded voice each) into OUT/audio/ and write OUT/eval_open_qa.jsonl
-    (audio-qa, voice chat, key match) and OUT/open_qa_typed.jsonl (the same questions as text)."""
+    (audio-qa, voice chat, key match; the spoken words in "text"). `indices`: only those questions (of
+    all_questions' order), each with the same voice and file as in the whole set. Clips already there are kept."""
     import soundfile as sf
 
     out_dir = Path(out_dir)
@@ -129,7 +131,9 @@ def write_eval_set(out_dir: str | Path, seed: int = 0, engines=("espeak", "flite
     rows = []
     for i, row in enumerate(all_questions(seed)):
         audio = out_dir / "audio" / f"open-qa-{i:03d}.wav"
-        voice = tts.choose_voice(rng, "en", list(engines))
+        voice = tts.choose_voice(rng, "en", list(engines))  # drawn for every question: the same voice either way
+        if indices is not None and i not in indices:
+            continue
         if not audio.exists():
             wav = normalize_peak(tts.speak(row["question"], voice), -3.0)
             sf.write(audio, wav, 16000, subtype="PCM_16")
