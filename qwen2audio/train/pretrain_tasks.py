@@ -21,20 +21,11 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..chat import TASK_PROMPTS, raw_prompt
+from ..chat import ASR_LANGUAGES, TASK_PROMPTS, raw_prompt
 from ..errors import Qwen2AudioError
 
 TARGET_SEP = " "
 TASKS = ("asr", "caption", "emotion", "vocal_sound", "translation", "custom")
-
-# Language codes of the paper's data sets (CoVoST2, Common Voice, Fleurs, ...) -> English names for prompts.
-LANGUAGES = {
-    "en": "English", "zh": "Chinese", "yue": "Cantonese", "de": "German", "fr": "French", "es": "Spanish",
-    "it": "Italian", "ja": "Japanese", "ko": "Korean", "ru": "Russian", "pt": "Portuguese", "nl": "Dutch",
-    "ar": "Arabic", "ca": "Catalan", "fa": "Persian", "et": "Estonian", "mn": "Mongolian", "tr": "Turkish",
-    "sv": "Swedish", "lv": "Latvian", "sl": "Slovenian", "ta": "Tamil", "id": "Indonesian", "cy": "Welsh",
-}
-
 
 class TaskError(Qwen2AudioError):
     """A pre-training record that cannot be turned into a prompt and target."""
@@ -42,21 +33,21 @@ class TaskError(Qwen2AudioError):
 
 def language_name(code_or_name: str) -> str:
     """`de` -> German; a full name (German) is kept as given."""
-    if code_or_name in LANGUAGES:
-        return LANGUAGES[code_or_name]
-    if code_or_name in LANGUAGES.values():
+    if code_or_name in ASR_LANGUAGES:
+        return ASR_LANGUAGES[code_or_name]
+    if code_or_name in ASR_LANGUAGES.values():
         return code_or_name
-    raise TaskError(f"unknown language {code_or_name!r}: use a code ({', '.join(sorted(LANGUAGES))}) or its English name")
+    raise TaskError(f"unknown language {code_or_name!r}: use a code ({', '.join(sorted(ASR_LANGUAGES))}) or its English name")
 
 
 def language_code(code_or_name: str) -> str:
     """The tag form (`en`) of a language given as a code or an English name."""
-    if code_or_name in LANGUAGES:
+    if code_or_name in ASR_LANGUAGES:
         return code_or_name
-    for code, name in LANGUAGES.items():
+    for code, name in ASR_LANGUAGES.items():
         if name == code_or_name:
             return code
-    raise TaskError(f"unknown language {code_or_name!r}: use a code ({', '.join(sorted(LANGUAGES))}) or its English name")
+    raise TaskError(f"unknown language {code_or_name!r}: use a code ({', '.join(sorted(ASR_LANGUAGES))}) or its English name")
 
 
 def task_instruction(task: str, language: str | None = None, source_language: str | None = None,
