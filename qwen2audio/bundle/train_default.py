@@ -72,10 +72,11 @@ LEGS = {
 # Leg 1 was stopped at step 450 of its schedule: its task records are one third template questions, and its
 # transcripts drifted towards them ("What is the capital of France?"), so leg 2 moves on to the whole corpus with
 # the open-vocabulary sentences. Leg 2 was stopped at step 175 (loss about 2.1, transcripts fluent but unrelated
-# to the speech), leg 3 at step 250 (see above). A leg starts from what its previous leg's latest checkpoint
+# to the speech), leg 3 at step 250 (see above), leg 4 at step 625 (its loss flat at about 2.0 from step 270 on;
+# leg 5 trains the same task records inside its mixture). A leg starts from what its previous leg's latest checkpoint
 # trained; a finished leg keeps only that in the repository (`save-state --final`).
 PREVIOUS = {"leg2": "leg1", "leg3": "leg2", "leg4": "leg3", "leg5": "leg4"}
-CURRENT = "leg4"  # the leg `train` continues by default
+CURRENT = "leg5"  # the leg `train` continues by default
 OPEN_SHARE = 0.5  # of the English open-vocabulary sentences also trained as voice chat
 SAVE_EVERY = 25
 ANSWERS = "answers.jsonl"  # the original LLM's answers to the voice-chat texts (answers.py), a resumable cache
