@@ -1,9 +1,9 @@
 """The continuous-batching engine on CPU, stepped by hand: 16 requests of mixed lengths and sampling options.
 
-Runs the bundled model (real weights, 4k vocabulary) in this process, with no server around it, so the number is
-the engine's own: wall time and this process's CPU time from the first submit to the last finished request,
-generated tokens / wall second. Half the requests are greedy, half sampled (temperature, top-p, top-k, some with a
-seed or a repetition penalty), so per-row sampling is exercised. To compare two versions of the code, run the
+Runs the default model (Whisper base + Qwen2.5-Coder-0.5B, 151,936-token vocabulary) in this process, with no
+server around it, so the number is the engine's own: wall time and this process's CPU time from the first submit
+to the last finished request, generated tokens / wall second. Half the requests are greedy, half sampled
+(temperature, top-p, top-k, some with a seed or a repetition penalty), so per-row sampling is exercised. To compare two versions of the code, run the
 script under each (PYTHONPATH=OTHER_CHECKOUT), alternating, on the same machine.
 
     python benchmarks/bench_engine.py                  # 16 requests, 48 new tokens each, best of 3

@@ -4,8 +4,8 @@ Both runs train the same model on the same clips in one process, one after the o
 seed; the cache only pays from the second epoch on, so the rate is taken over epochs 2 and later.
 The losses of the two runs are compared too (they must agree: the cache changes speed, not results).
 
-    python benchmarks/bench_train_cache.py                          # the bundled model (Whisper tiny.en)
-    python benchmarks/bench_train_cache.py --model runs/bundle/init # e.g. an init with Whisper base
+    python benchmarks/bench_train_cache.py                          # the default model (Whisper base)
+    python benchmarks/bench_train_cache.py --model CHECKPOINT_DIR
     python benchmarks/bench_train_cache.py --precision fp32 --clips 48 --epochs 4
 
 Run it on a quiet machine: with 2 cores, any other busy process stalls torch's parallel regions.
@@ -31,9 +31,6 @@ sys.path.insert(0, str(ROOT))
 from qwen2audio.train.config import TrainConfig  # noqa: E402
 from qwen2audio.train.loop import train  # noqa: E402
 
-BUNDLED = ROOT / "qwen2audio" / "assets" / "model"
-
-
 def make_clips(root: Path, n: int, seed: int = 0) -> Path:
     """n clips of 2-6 s (tones over noise) with ASR task records; the labels are short words."""
     rng = np.random.default_rng(seed)
@@ -58,12 +55,16 @@ def run(model: str, data: Path, out: Path, steps: int, args, cache_gb: float) ->
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(BUNDLED), help="model folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="model folder (default: the default model)")
     p.add_argument("--clips", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     args = p.parse_args()
+    if args.model is None:
+        from qwen2audio.bundle.assemble import default_model
+
+        args.model = str(default_model())
     per_epoch = -(-args.clips // args.batch_size)
     steps = per_epoch * args.epochs
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
-"""The CUDA paths, on a GPU: parity with the reference, the engine, bf16, training and the bundled model.
+"""The CUDA paths, on a GPU: parity with the reference, the engine, bf16, training and the default model.
 
 CI has no GPU, so these are skipped there (the reason is printed); on a GPU machine run them with
-`pytest -m cuda`. Every model here is the tiny random one of the other tests, except the bundled model.
+`pytest -m cuda`. Every model here is the tiny random one of the other tests, except the default model.
 """
 
 import contextlib
@@ -199,13 +199,17 @@ def test_bf16_tracks_fp32_on_cuda(tiny_checkpoint, pipe):
     assert cosine > 0.99, float(cosine)
 
 
-def test_bundled_model_answers_examples_in_bf16_on_cuda():
-    from test_bundled_model import EXAMPLES, turn
+def test_default_model_in_bf16_on_cuda():
+    from test_default_model_e2e import MISSING
 
-    examples = json.loads((EXAMPLES / "examples.json").read_text(encoding="utf-8"))
-    bundled = qwen2audio.load(device="cuda", dtype="bfloat16", progress=False)
-    for example in examples:
-        assert bundled.chat(turn(example)) == example["answer"], example["audio"]
+    from qwen2audio.bundle.examples import EXAMPLES, messages
+
+    if MISSING:
+        pytest.skip(f"the default model's part packages are not installed ({MISSING})")
+    pipe = qwen2audio.load(device="cuda", dtype="bfloat16", progress=False)
+    assert "Paris" in pipe.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
+    for example in EXAMPLES:
+        assert pipe.chat(messages(example), max_new_tokens=32).strip(), example["audio"]
 
 
 # ---- training --------------------------------------------------------------------------------

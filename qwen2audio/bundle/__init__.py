@@ -1,7 +1,3 @@
-"""Recipe for the small model bundled under qwen2audio/assets/model (issue 6); see recipe.py."""
-
-from .recipe import (Recipe, StageIncomplete, StageSettings, TextDims, build_corpus, corpus_texts, count_parameters,
-                     export_release, init_model, make_dpo_pairs, measure, run_pipeline, run_stage)
-
-__all__ = ["Recipe", "StageIncomplete", "StageSettings", "TextDims", "build_corpus", "corpus_texts", "count_parameters",
-           "export_release", "init_model", "make_dpo_pairs", "measure", "run_pipeline", "run_stage"]
+"""The default model: pinned pretrained parts (parts.py), their assembly (assemble.py: `default_model()` is what
+every surface uses when no model is given) and its training recipe (train_default.py, mixture.py, answers.py,
+openqa.py)."""

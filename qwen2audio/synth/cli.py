@@ -25,7 +25,7 @@ sizes (items per kind: speech, chat, asterisk, sound, music, mixture, open):
   medium  6000, 4500, all, 1800, 1000, 1200
   full    8000, 8000, all, 3000, 1500, 2000
   or kind=N,... e.g. --size speech=200,sound=50 (kinds left out get 0; asterisk=all for every clip)
-  or a size with some kinds changed, e.g. --size medium,music=4000 (the bundled model's recipe)
+  or a size with some kinds changed, e.g. --size medium,music=4000
 
 Debian packages: espeak-ng, flite, festival festvox-us-slt-hts festvox-kallpc16k, fluidsynth
 timgm6mb-soundfont, asterisk-core-sounds-{en,es,fr,it,ru} asterisk-core-sounds-{en,es,fr,it,ru}-g722."""

@@ -19,8 +19,8 @@ Held-out questions are new *content*: a held-out capital, fact, opposite or gree
 model was never told, so those kinds measure nothing but luck. The "known" set asks questions from
 the training side in recordings rendered only for it (own seeds, so own voice choices, speeds, rooms
 and noises; the text and the TTS voice can still coincide with a training item): it measures
-understanding a new recording of something the model was taught, which is what a user of the
-closed-world bundled model does.
+understanding a new recording of something the model was taught, which is what a user of a
+closed-world model (such as the project's retired from-scratch model) does.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ of Greece is ..."): a model that learned the facts only as replies to written qu
 answer up in the question's text, which voice chat does not have. Statements teach the completion
 from the answer's own opening words, which voice chat has.
 
-Measured on the bundled model's pre-trained base (README, "The bundled model"): after this stage the
+Measured on the pre-trained base of the project's earlier from-scratch model (since retired): after this stage the
 model answers about half of a sample of typed training questions, but with SFT seeing each voice-chat
 record once, accuracy on known *spoken* questions did not rise (13 % with question-answer chats, 9 %
 with statements too, 9 % without the stage), and SFT forgot most typed answers (19 -> 8 of 36). With
