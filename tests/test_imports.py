@@ -48,3 +48,12 @@ def test_no_module_under_engine_or_model_imports_the_api_even_lazily():
     weights = imported_modules(PACKAGE / "weights.py")
     assert not [m for m in weights if m.startswith("qwen2audio.model")], weights
     assert "qwen2audio.weights" in imported_modules(PACKAGE / "model" / "qwen2_audio.py")  # the one direction
+
+
+def test_the_default_model_resolution_imports_nothing_above_it():
+    """load(None), the CLI and eval call bundle/assemble.py's default_model(): it (and the parts it reads) must not
+    import the surfaces back (api, cli, server, eval, train)."""
+    above = ("qwen2audio.api", "qwen2audio.cli", "qwen2audio.server", "qwen2audio.eval", "qwen2audio.train")
+    for name in ("assemble.py", "parts.py", "__init__.py"):
+        imported = imported_modules(PACKAGE / "bundle" / name)
+        assert not [m for m in imported if m.startswith(above)], (name, imported)
