@@ -7,7 +7,8 @@ very weights the kernel uses): the packed CPU kernels round the activations to b
 
     |y - ref| <= 2^-7 * (|x| @ |W|.T)        (twice the worst case of those two roundings)
 
-The dequantising path (other devices and shapes) is float32 throughout: 1e-5 of the same scale.
+The dequantising path (other devices and shapes) and the compiled int8 dot product (batch-1 rows) are float32
+throughout: 1e-5 of the same scale.
 """
 
 from __future__ import annotations
@@ -76,6 +77,33 @@ def test_int4_linear_equals_its_dequantised_matmul(out_features, in_features, ro
     _check_close(layer, x, None)
     step = layer.scales_and_zeros[..., 0].float().t().repeat_interleave(group_size, dim=1)
     assert ((layer.dequantize() - w).abs() <= 0.5 * step + 2.0 ** -8 * w.abs().amax()).all()
+
+
+def test_int8_compiled_kernel_splits_long_rows_and_keeps_the_packed_kernel_when_compiling_fails(monkeypatch):
+    """Batch-1 int8 rows go through the compiled dot product, long rows in equal parts (float32 throughout,
+    so 1e-5 of the scale); a machine where inductor cannot compile warns once and uses the packed kernel."""
+    from qwen2audio.quant import linear
+
+    g = torch.Generator().manual_seed(5)
+    in_features = 2 * linear.MAX_DOT + 64  # 3 parts of 1728
+    assert linear._dot_split(in_features) == 3
+    layer = Int8Linear(torch.randn(32, in_features, generator=g) * 0.1)
+    x = torch.randn(1, in_features, generator=g)
+    w = layer.dequantize()
+    ref, scale = x @ w.T, x.abs() @ w.abs().T
+    assert ((layer(x) - ref).abs() <= 1e-5 * scale).all()
+
+    def no_compiler():
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(linear, "int8_dots", no_compiler)
+    monkeypatch.setitem(linear._COMPILED, "ok", True)
+    with pytest.warns(RuntimeWarning, match="packed int8 kernel"):
+        y = layer(x)
+    assert linear._COMPILED["ok"] is False
+    assert ((y - ref).abs() <= BF16_TOL * scale).all()
 
 
 def test_dequantising_path_matches_the_packed_kernel():
