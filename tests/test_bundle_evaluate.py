@@ -100,8 +100,8 @@ def test_sections_hold_heldout_clips_of_each_kind(corpus, work, clips):
     corpus_qs = [c for c in chat if c.source.startswith("corpus_")]
     open_qs = [c for c in chat if c.source.startswith("open_")]
     assert corpus_qs and all(items[c.audio]["split"] == "heldout" for c in corpus_qs)
-    # --limit 1: one question per kind of the open set, each spoken into WORK
-    assert sorted(c.source for c in open_qs) == ["open_arithmetic", "open_everyday", "open_geography", "open_science"]
+    # --limit 1: one corpus question and one open question (spoken into WORK)
+    assert len(corpus_qs) == 1 and len(open_qs) == 1 and open_qs[0].source == "open_arithmetic"
     assert all(load_audio(c.audio).size > 16000 for c in open_qs)
 
 
@@ -165,6 +165,9 @@ def test_limit_spreads_over_each_source():
     kept = ev.limit_per_source(clips, 2)
     assert [c.audio for c in kept] == ["a0", "a5", "a10", "a11"]
     assert ev.limit_per_source(clips, None) == clips
+    assert [c.audio for c in ev.limit_balanced(clips, 4)] == ["a0", "a1", "a10", "a11"]  # the sources in turn
+    assert [c.audio for c in ev.limit_balanced(clips, 9)] == ["a0", "a1", "a2", "a3", "a4", "a5", "a10", "a11", "a12"]
+    assert ev.limit_balanced(clips, 20) == clips
 
 
 def test_table_and_card_block(tmp_path, corpus, work, clips):
@@ -213,7 +216,7 @@ def test_command_runs_a_real_model_and_writes_json(tmp_path, corpus, work, tiny_
     assert s["asr_real"]["systems"]["model"]["pooled_wer"]["n"] == 5
     assert s["asr_real"]["systems"]["model"]["pooled_wer"]["value"] > 0  # random weights: no transcript
     assert "whisper" not in s["asr_real"]["systems"]  # no --baselines
-    assert s["voice_chat"]["systems"]["model"]["all"]["n"] == len(s["voice_chat"]["answers"]) > 4
+    assert s["voice_chat"]["systems"]["model"]["all"]["n"] == len(s["voice_chat"]["answers"]) == 2
     assert all(isinstance(a["model"], str) for a in s["voice_chat"]["answers"])
     printed = capsys.readouterr().out
     assert f"| {directory.name} |" in printed and "Voice chat" in printed

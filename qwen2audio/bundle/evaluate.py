@@ -136,9 +136,24 @@ def spread(rows: list, n: int | None) -> list:
 
 
 def limit_per_source(clips: list[Clip], n: int | None) -> list[Clip]:
+    """At most n clips of each source, evenly spread over it (in the set's order)."""
     keep = set()
     for source in dict.fromkeys(c.source for c in clips):
         keep.update(id(c) for c in spread([c for c in clips if c.source == source], n))
+    return [c for c in clips if id(c) in keep]
+
+
+def limit_balanced(clips: list[Clip], n: int | None) -> list[Clip]:
+    """At most n clips in all, taken from the sources in turn (the first of each, then the second, ...), so that
+    every kind of question is asked as often as the others where it can be."""
+    if n is None or len(clips) <= n:
+        return list(clips)
+    queues = [[c for c in clips if c.source == s] for s in dict.fromkeys(c.source for c in clips)]
+    keep: set[int] = set()
+    for i in range(max(len(q) for q in queues)):
+        for q in queues:
+            if i < len(q) and len(keep) < n:
+                keep.add(id(q[i]))
     return [c for c in clips if id(c) in keep]
 
 
@@ -179,14 +194,12 @@ def corpus_question_clips(corpus: Path) -> tuple[list[Clip], Counter]:
 
 
 def open_question_clips(work: Path, limit: int | None) -> list[Clip]:
-    """The open questions of openqa.py, spoken into WORK (only those the limit keeps; kept between runs)."""
+    """The open questions of openqa.py, spoken into WORK (only those the limit keeps, the categories in turn;
+    kept between runs)."""
     from . import openqa
 
-    rows = openqa.all_questions()
-    chosen = set()
-    for category in dict.fromkeys(r["category"] for r in rows):
-        chosen.update(spread([i for i, r in enumerate(rows) if r["category"] == category], limit))
-    path = openqa.write_eval_set(work, indices=chosen)
+    rows = [Clip(str(i), r["category"], None) for i, r in enumerate(openqa.all_questions())]
+    path = openqa.write_eval_set(work, indices={int(c.audio) for c in limit_balanced(rows, limit)})
     return [Clip(str(work / r["audio"]), f"open_{r['source'].removeprefix('spoken_')}", r["gt"], text=r["text"])
             for r in _read_jsonl(path)]
 
@@ -208,7 +221,7 @@ def section_clips(corpus: Path, work: Path, limit: int | None, sections=SECTIONS
         if without:
             notes["voice_chat"] = ("left out, without one right answer: "
                                    + ", ".join(f"{n} {kind}" for kind, n in sorted(without.items())))
-        out["voice_chat"] = limit_per_source(asked, limit) + open_question_clips(work, limit)
+        out["voice_chat"] = limit_balanced(asked, limit) + open_question_clips(work, limit)
     return out, notes
 
 
@@ -328,11 +341,12 @@ def label_baselines(corpus: Path, section: str, clips: list[Clip]) -> dict:
 # ---- the evaluation --------------------------------------------------------------------------------
 def evaluate(model: ModelSystem, corpus: Path, work: Path, *, whisper=None, limit: int | None = None,
              baselines: bool = False, batch_size: int = 16, progress: bool = True, sections=SECTIONS,
-             log=lambda message: print(message, file=sys.stderr, flush=True)) -> dict:
+             log=lambda message: print(message, file=sys.stderr, flush=True), on_section=None) -> dict:
     """The report: section -> {"n", "metric", "systems": {system: {set: figures}}, "answers": [...]}.
 
     `model` has raw(prompts, wavs, max_new_tokens), voice(wavs) and typed(texts); `whisper` (needed for
-    --baselines) transcribe(wavs, languages, max_new_tokens)."""
+    --baselines) transcribe(wavs, languages, max_new_tokens). `on_section(report)` is called after each section
+    (a long run keeps what it measured)."""
     corpus, work = Path(corpus), Path(work)
     complete = check_corpus(corpus)
     if not complete:
@@ -381,6 +395,9 @@ def evaluate(model: ModelSystem, corpus: Path, work: Path, *, whisper=None, limi
         section["answers"] = [{"audio": c.audio, "source": c.source, "gt": c.gt, **({"text": c.text} if c.text else {}),
                                **{s: a[i] for s, a in answers.items()}} for i, c in enumerate(cs)]
         log(f"{name}: {len(cs)} clips, {time.time() - started:.0f} s so far")
+        if on_section is not None:
+            report["seconds"] = round(time.time() - started, 1)
+            on_section(report)
     report["seconds"] = round(time.time() - started, 1)
     return report
 
@@ -480,8 +497,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", metavar="DIR", type=Path, default=None,
                    help="where the open questions are spoken once and kept (default: $QWEN2AUDIO_HOME/open-qa)")
     p.add_argument("--limit", metavar="N", type=positive_int, default=None,
-                   help="at most N clips per set: per language of the Asterisk recordings, per question kind of voice "
-                        "chat (evenly spread over the set); default: every held-out clip")
+                   help="at most N clips per set: each language of the Asterisk recordings, the open sentences, the "
+                        "sounds, the instruments, and N of the corpus's spoken questions and N open questions (their "
+                        "kinds in turn); spread evenly over each set; default: every held-out clip")
     p.add_argument("--baselines", action="store_true",
                    help="also run Whisper base on the ASR sections, and the typed and Whisper base -> typed "
                         "baselines on voice chat (Whisper needs ctranslate2)")
@@ -533,20 +551,28 @@ def run(args) -> int:
     pipe = api.load(args.model, device=resolve_device(args.device), dtype=args.dtype, progress=not args.no_progress)
     model_dir = Path(args.model) if args.model else default_model_dir()
     system = ModelSystem(pipe, args.max_new_tokens, args.chat_max_new_tokens)
-    report = evaluate(system, corpus, args.work or home() / "open-qa", whisper=whisper, limit=args.limit,
-                      baselines=args.baselines, batch_size=args.batch_size, progress=not args.no_progress,
-                      sections=sections)
     is_default = model_dir.resolve() == default_model_dir().resolve()
     argv = getattr(args, "argv", None)
     command = (f"python -m qwen2audio.bundle.evaluate {shlex.join(argv)}" if argv is not None
                else f"qwen2audio {shlex.join(sys.argv[1:])}")
-    report.update(model=str(model_dir), model_name="qwen2audio-default" if is_default else model_dir.name,
-                  date=time.strftime("%Y-%m-%d", time.gmtime()), command=command.strip())
+    about = dict(model=str(model_dir), model_name="qwen2audio-default" if is_default else model_dir.name,
+                 date=time.strftime("%Y-%m-%d", time.gmtime()), command=command.strip())
+
+    def save(report: dict) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_name(f".{args.json.name}.tmp")
+            tmp.write_text(json.dumps({**about, **report}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, args.json)
+
+    report = evaluate(system, corpus, args.work or home() / "open-qa", whisper=whisper, limit=args.limit,
+                      baselines=args.baselines, batch_size=args.batch_size, progress=not args.no_progress,
+                      sections=sections, on_section=save)
+    report = {**about, **report}
+    save(report)
     table = render_markdown(report)
     print(table)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.card:
         update_card(CARD_FILE, table)

@@ -10,6 +10,7 @@ else. A free-form answer is right when it contains one of the keys as whole word
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,11 +137,15 @@ def write_eval_set(out_dir: str | Path, seed: int = 0, engines=("espeak", "flite
             continue
         if not audio.exists():
             wav = normalize_peak(tts.speak(row["question"], voice), -3.0)
-            sf.write(audio, wav, 16000, subtype="PCM_16")
+            tmp = audio.with_name(f".{audio.stem}.{os.getpid()}.tmp.wav")  # two runs may speak the same set at once
+            sf.write(tmp, wav, 16000, subtype="PCM_16")
+            os.replace(tmp, audio)
         rows.append({"audio": f"audio/{audio.name}", "question": "", "gt": row["keys"], "match": "key",
                      "source": f"spoken_{row['category']}", "text": row["question"]})
     path = out_dir / "eval_open_qa.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
