@@ -143,6 +143,8 @@ def test_a_wrong_word_costs_its_share_of_the_words(corpus, work, clips):
 
     report = ev.evaluate(OneWrong(clips), corpus, work, limit=1, sections=("asr_open",), progress=False,
                          log=lambda m: None)
+    with pytest.raises(ev.EvaluateError, match="Whisper"):
+        ev.evaluate(OneWrong(clips), corpus, work, limit=1, sections=("asr_open",), baselines=True)
     m = report["sections"]["asr_open"]["systems"]["model"]["open_en"]
     assert m["errors"] == 1 and m["value"] == pytest.approx(1 / m["ref_units"])
 

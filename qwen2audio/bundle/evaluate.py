@@ -348,6 +348,8 @@ def evaluate(model: ModelSystem, corpus: Path, work: Path, *, whisper=None, limi
     --baselines) transcribe(wavs, languages, max_new_tokens). `on_section(report)` is called after each section
     (a long run keeps what it measured)."""
     corpus, work = Path(corpus), Path(work)
+    if baselines and whisper is None and {"asr_real", "asr_open", "voice_chat"} & set(sections):
+        raise EvaluateError("the Whisper base baselines need a Whisper system (whisper=WhisperASR())")
     complete = check_corpus(corpus)
     if not complete:
         log(f"warning: {corpus} has no manifest.json: its build has not finished, the held-out sets may be partial")
