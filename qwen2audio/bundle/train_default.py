@@ -16,7 +16,8 @@
 A run stops whenever the machine goes (a session ends): every `save_every` steps its checkpoint (the
 projector, LoRA factors, AdamW moments, RNG and data position: up to about 17 MB) is what `save-state` copies
 into the repository (`training/default_model/LEG/`), and the next machine's run starts from there
-(`restore_state`). A finished leg leaves only its export (`save-state --final`: LEG.safetensors). The LLM's
+(`restore_state`). A finished leg leaves only its export (`save-state --final`: LEG.safetensors, float16,
+holding every earlier leg's training as well, so it replaces the previous leg's). The LLM's
 answers for leg 5, hours of generation, travel the same way (answers.jsonl). The
 paths of the run are part of its identity (the trainer refuses a resume with another model or data),
 so WORK must be the same on every machine (default `$HOME/work`).
@@ -163,6 +164,8 @@ def save_state(work: Path, leg: str, final: bool = False) -> Path | None:
     if final:
         target = export(work, leg, STATE_DIR / f"{leg}.safetensors")
         shutil.rmtree(STATE_DIR / leg, ignore_errors=True)
+        if leg in PREVIOUS:  # the export holds every earlier leg's training too
+            (STATE_DIR / f"{PREVIOUS[leg]}.safetensors").unlink(missing_ok=True)
         return target
     target = STATE_DIR / leg / "checkpoints" / latest.name
     if not target.exists():
@@ -193,7 +196,7 @@ def _read_trained(path: Path) -> tuple[dict, float]:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, float((f.metadata() or {}).get("lora_scaling", "1.0"))
+        return {k: f.get_tensor(k).float() for k in f.keys()}, float((f.metadata() or {}).get("lora_scaling", "1.0"))
 
 
 def stack_trained(earlier: dict, earlier_scaling: float, later: dict, later_scaling: float) -> dict:
@@ -232,7 +235,9 @@ def export(work: Path, leg: str, dest: Path) -> Path:
     else:
         tensors = stack_trained({}, 1.0, tensors, scaling)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # assemble.apply_trained merges each LoRA pair into its layer with this scaling
+    # float16, the assembled model's own dtype: half the bytes in the repository, and the same merged weights to
+    # within float16 rounding. assemble.apply_trained merges each LoRA pair into its layer with this scaling.
+    tensors = {k: v.to(torch.float16) for k, v in tensors.items()}
     save_file(tensors, str(dest), metadata={"leg": leg, "checkpoint": latest.name, "lora_scaling": "1.0"})
     return dest
 
