@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -199,19 +200,57 @@ QUESTIONS = [
 ]
 
 
-def quality(directory: Path, modes: list[str], new_tokens: int) -> None:
-    base = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False)
+def spoken_prompts(corpus: Path, n_asr: int, n_chat: int) -> tuple[list[dict], list[dict]]:
+    """Held-out clips of the default model's training corpus (`qwen2audio synth`'s eval files): real English
+    recordings with the paper's ASR prompt, and spoken questions (voice chat), every k-th one for variety."""
+    def pick(name: str, n: int, keep=lambda r: True) -> list[dict]:
+        rows = [json.loads(line) for line in (corpus / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [r for r in rows if keep(r)]
+        return rows[:: max(1, len(rows) // n)][:n]
+    asr = pick("eval_asr_real.jsonl", n_asr, lambda r: r["source"] == "asterisk_en")
+    chat = pick("eval_voice_chat.jsonl", n_chat)
+    return asr, chat
+
+
+def answers(pipe, chats, asr, chat_clips, corpus: Path, new_tokens: int) -> dict[str, list[str]]:
+    out = {"text": [pipe.chat(c, max_new_tokens=new_tokens) for c in chats]}
+    if asr:
+        out["asr"] = pipe.complete([r["prompt"] for r in asr], [str(corpus / r["audio"]) for r in asr],
+                                   max_new_tokens=new_tokens)
+        out["voice"] = pipe.chat_batch([[{"role": "user", "content": [{"type": "audio", "audio": str(corpus / r["audio"])}]}]
+                                        for r in chat_clips], max_new_tokens=new_tokens)
+    return out
+
+
+def quality(directory: Path, modes: list[str], new_tokens: int, corpus: Path | None) -> None:
+    """Greedy answers of each quantised model against float32: the 20 text questions and, with the training
+    corpus, 15 real English recordings (ASR, with their WER) and 15 spoken questions: 50 prompts."""
+    from qwen2audio.api import strip_tags
+    from qwen2audio.eval.metrics import corpus_wer
+
+    asr, chat_clips = spoken_prompts(corpus, 15, 15) if corpus and (corpus / "eval_asr_real.jsonl").exists() else ([], [])
+    if not asr:
+        print(f"no corpus at {corpus}: text questions only (build it with scripts/train_default_model.sh corpus)")
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    ref = [base.chat(c, max_new_tokens=new_tokens) for c in chats]
+    base = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False)
+    ref = answers(base, chats, asr, chat_clips, corpus, new_tokens)
     del base
+    prompts = {"text": QUESTIONS, "asr": [r["audio"] for r in asr], "voice": [r["audio"] for r in chat_clips]}
+    wer = lambda hyps: corpus_wer([r["gt"] for r in asr], [strip_tags(h) for h in hyps], ["en"] * len(asr))["wer"]
+    if asr:
+        print(f"fp32: WER {100 * wer(ref['asr']):.1f}% on {len(asr)} real English recordings")
     for mode in modes:
         pipe = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False, quantize=mode)
-        got = [pipe.chat(c, max_new_tokens=new_tokens) for c in chats]
-        same = sum(a == b for a, b in zip(got, ref))
-        print(f"{mode}: greedy answer ({new_tokens} tokens) equal to fp32 on {same}/{len(chats)} questions")
-        for q, a, b in zip(QUESTIONS, got, ref):
-            if a != b:
-                print(f"   {q!r}\n     fp32: {b[:90]!r}\n     {mode}: {a[:90]!r}")
+        got = answers(pipe, chats, asr, chat_clips, corpus, new_tokens)
+        same = {k: sum(a == b for a, b in zip(got[k], ref[k])) for k in ref}
+        total = sum(len(v) for v in ref.values())
+        print(f"{mode}: greedy answer ({new_tokens} tokens) equal to fp32 on {sum(same.values())}/{total} prompts ("
+              + ", ".join(f"{k} {same[k]}/{len(ref[k])}" for k in ref) + ")"
+              + (f"; WER {100 * wer(got['asr']):.1f}%" if asr else ""))
+        for kind in ref:
+            for q, a, b in zip(prompts[kind], got[kind], ref[kind]):
+                if a != b:
+                    print(f"   {q!r}\n     fp32: {b[:90]!r}\n     {mode}: {a[:90]!r}")
         del pipe
 
 
@@ -225,7 +264,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of rows to leave out: bf16, transformers, llama.cpp, ...")
     ap.add_argument("--quality", type=int, default=0, metavar="N",
-                    help="instead of timing: compare int8/int4 greedy answers of N new tokens with fp32 on 20 questions")
+                    help="instead of timing: compare int8/int4 greedy answers of N new tokens with fp32 on 50 prompts "
+                         "(20 typed questions, 15 real recordings transcribed, 15 spoken questions)")
+    ap.add_argument("--corpus", type=Path, default=Path.home() / "work" / "corpus1",
+                    help="--quality: the default model's training corpus, for its held-out clips")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen2audio" / "bench"),
                     help="where the joined GGUF and its Q8_0 are kept")
     args = ap.parse_args()
@@ -238,7 +280,7 @@ def main() -> None:
     directory = Path(args.model)
 
     if args.quality:
-        quality(directory, [m for m in ("int8", "int4") if m not in skip], args.quality)
+        quality(directory, [m for m in ("int8", "int4") if m not in skip], args.quality, args.corpus)
         return
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{args.threads} thread(s); model {directory}")
