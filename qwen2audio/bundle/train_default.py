@@ -11,7 +11,9 @@
     7. answers     the original LLM's own answers to the training questions and sentences, typed (`answers.py`)
     8. leg 5       the whole mixture (`mixture.py`): every task record, the analysis conversations and
                    behaviour-aligned voice chat
-    9. export      the trained projector and LoRA factors -> assets/default_model/trained.safetensors
+    9. leg 6       DPO on pairs built from leg 5's own mistakes (`preference.py`: its answers far from a
+                   conversation's are the rejected side), judged by preference accuracy on held-out pairs
+   10. export      the trained projector and LoRA factors -> assets/default_model/trained.safetensors
 
 A run stops whenever the machine goes (a session ends): every `save_every` steps its checkpoint (the
 projector, LoRA factors, AdamW moments, RNG and data position: up to about 17 MB) is what `save-state` copies
@@ -69,14 +71,20 @@ LEGS = {
                            "--max-steps", "8000", "--max-length", "320", "--set", "warmup_steps=50"]),
     "leg5": (CORPUS_SIZE, [*ALL_LORA, *PRECISION, "--lr", "3e-4", "--batch-size", "4",
                            "--max-steps", "4000", "--max-length", "320", "--set", "warmup_steps=20"]),
+    # DPO on pairs from leg 5's own mistakes (preference.py); the reference is the leg's start (adapters off)
+    "leg6": (CORPUS_SIZE, [*ALL_LORA, *PRECISION, "--lr", "2e-5", "--batch-size", "2", "--max-steps", "1500",
+                           "--max-length", "384", "--set", "warmup_steps=20", "--set", "beta=0.1",
+                           "--eval-every", "250"]),
 }
+STAGE = {"leg6": "dpo"}  # the trainer's stage of a leg (sft otherwise)
+DPO_PAIRS = {"leg6": (("leg5.jsonl", 3000), ("heldout.jsonl", 400))}  # (conversations, how many) -> train, held-out
 # Leg 1 was stopped at step 450 of its schedule: its task records are one third template questions, and its
 # transcripts drifted towards them ("What is the capital of France?"), so leg 2 moves on to the whole corpus with
 # the open-vocabulary sentences. Leg 2 was stopped at step 175 (loss about 2.1, transcripts fluent but unrelated
 # to the speech), leg 3 at step 250 (see above), leg 4 at step 625 (its loss flat at about 2.0 from step 270 on;
 # leg 5 trains the same task records inside its mixture). A leg starts from what its previous leg's latest checkpoint
 # trained; a finished leg keeps only that in the repository (`save-state --final`).
-PREVIOUS = {"leg2": "leg1", "leg3": "leg2", "leg4": "leg3", "leg5": "leg4"}
+PREVIOUS = {"leg2": "leg1", "leg3": "leg2", "leg4": "leg3", "leg5": "leg4", "leg6": "leg5"}
 CURRENT = "leg5"  # the leg `train` continues by default
 OPEN_SHARE = 0.5  # of the English open-vocabulary sentences also trained as voice chat
 SAVE_EVERY = 25
@@ -109,6 +117,15 @@ def task_records(size: str, seed: int = SEED) -> list[dict]:
 def leg_data(work: Path, leg: str) -> Path:
     """The leg's JSONL in the corpus folder (its audio paths are relative to it), written once."""
     path = work / "corpus1" / f"{leg}.jsonl"
+    if leg in DPO_PAIRS:  # the model's answers: resumable, so a stopped build continues (and a finished one is kept)
+        for saved in pair_files(STATE_DIR / leg, leg):  # a copy that travelled with the training state
+            if saved.exists() and not (work / "corpus1" / saved.name).exists():
+                shutil.copy2(saved, work / "corpus1" / saved.name)
+        for (source, limit), target in zip(DPO_PAIRS[leg], (path, heldout_pairs(work, leg))):
+            _run([sys.executable, "-m", "qwen2audio.bundle.preference", "pairs", "--model", str(work / f"{leg}-start"),
+                  "--data", str(work / "corpus1" / source), "--out", str(target), "--limit", str(limit),
+                  "--seed", str(SEED), "--no-progress"])
+        return path
     if path.exists():
         return path
     if leg == "leg5":
@@ -130,6 +147,18 @@ def leg_data(work: Path, leg: str) -> Path:
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def heldout_pairs(work: Path, leg: str) -> Path:
+    """A DPO leg's pairs from held-out conversations: its --eval-data, and where preference accuracy is measured."""
+    return work / "corpus1" / f"{leg}_heldout.jsonl"
+
+
+def pair_files(folder: Path, leg: str) -> list[Path]:
+    """A DPO leg's pair files and their progress counts in `folder` (hours of generation: they travel with the
+    state, so the next machine trains on the same pairs)."""
+    names = [f"{leg}.jsonl", f"{leg}_heldout.jsonl"] if leg in DPO_PAIRS else []
+    return [folder / n for name in names for n in (name, name + ".progress")]
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -158,6 +187,10 @@ def save_state(work: Path, leg: str, final: bool = False) -> Path | None:
     from) as training/default_model/LEG.safetensors, in place of its checkpoint."""
     if (work / ANSWERS).exists():
         shutil.copy2(work / ANSWERS, STATE_DIR / ANSWERS)
+    for built in pair_files(work / "corpus1", leg):
+        if built.exists():
+            (STATE_DIR / leg).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(built, STATE_DIR / leg / built.name)
     latest = latest_checkpoint(work / "runs" / leg)
     if latest is None:
         return None
@@ -256,9 +289,11 @@ def train_leg(work: Path, leg: str, python: str) -> None:
     data = leg_data(work, leg)
     restore_state(work, leg)
     output = work / "runs" / leg
-    cmd = [python, "-m", "qwen2audio", "train", "--stage", "sft", "--model", str(model),
+    cmd = [python, "-m", "qwen2audio", "train", "--stage", STAGE.get(leg, "sft"), "--model", str(model),
            "--data", str(data), "--output", str(output), *LEGS[leg][1], "--save-every", str(SAVE_EVERY),
            "--keep-last", "2", "--no-progress"]
+    if leg in DPO_PAIRS:
+        cmd += ["--eval-data", str(heldout_pairs(work, leg))]
     if latest_checkpoint(output) is not None:
         cmd += ["--resume"]
     _run(cmd)
