@@ -252,6 +252,39 @@ def quality(directory: Path, modes: list[str], new_tokens: int, corpus: Path | N
                 if a != b:
                     print(f"   {q!r}\n     fp32: {b[:90]!r}\n     {mode}: {a[:90]!r}")
         del pipe
+    llama_cpp_quality(new_tokens)
+
+
+def llama_cpp_quality(new_tokens: int, cache: Path = Path.home() / ".cache" / "qwen2audio" / "bench") -> None:
+    """The same yardstick for llama.cpp's own int8 and 4-bit files: their greedy answers to the typed questions
+    against an F32 GGUF of the same weights (llama.cpp's quantiser, from the shipped Q4_K_M)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: not installed (pip install 'qwen2audio[bench]'), no yardstick")
+        return
+    gguf = find_gguf(cache)
+    if gguf is None:
+        return
+    f32 = gguf.with_name(gguf.stem.replace("q4_k_m", "") + "f32.gguf")
+    if not f32.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_ALL_F32, True
+        tmp = f32.with_name(f32.name + ".tmp")
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError("llama_model_quantize failed")
+        tmp.replace(f32)
+
+    def answers_of(path: Path) -> list[str]:
+        llm = llama_cpp.Llama(model_path=str(path), n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
+        return [llm.create_chat_completion([{"role": "user", "content": q}], max_tokens=new_tokens, temperature=0.0,
+                                           top_k=1)["choices"][0]["message"]["content"] for q in QUESTIONS]
+
+    ref = answers_of(f32)
+    for name, path in (("Q8_0", q8_0_from(gguf, torch.get_num_threads())), ("Q4_K_M", gguf)):
+        same = sum(a == b for a, b in zip(answers_of(path), ref))
+        print(f"llama.cpp {name}: greedy answer ({new_tokens} tokens) equal to llama.cpp F32 on {same}/{len(ref)} "
+              "typed questions")
 
 
 # ---- main -------------------------------------------------------------------------------------------
