@@ -46,7 +46,9 @@ class WhisperASR:
         side = paths[0].parent
         files = {"model.bin": io.BytesIO(b"".join(p.read_bytes() for p in paths))}
         files.update({name: io.BytesIO((side / name).read_bytes()) for name in SIDE_FILES})
-        self.model = ctranslate2.models.Whisper("whisper-base", device="cpu", compute_type=compute_type,
+        # Loaded from memory (`files`): model_path is then only an identifier, here the installed package's own
+        # folder, so nothing can be looked up by a hub name. CTranslate2 itself never downloads.
+        self.model = ctranslate2.models.Whisper(str(side), device="cpu", compute_type=compute_type,
                                                 intra_threads=threads, files=files)
         self.tokenizer = Tokenizer.from_file(str(side / "tokenizer.json"))
         self.n_mels = self.model.n_mels
