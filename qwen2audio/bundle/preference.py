@@ -106,8 +106,8 @@ def preference_accuracy(pipe, pairs: Path, batch_size: int = 4, max_length: int 
     import torch.nn.functional as F
 
     from ..train.data import Collate, ExampleDataset
-    from ..train.objectives import logits_of, split_pairs
-    from ..train.records import IGNORE, load_examples
+    from ..train.objectives import logits_of, split_pairs, target_positions
+    from ..train.records import load_examples
 
     examples = load_examples(pairs, "dpo", pipe.tokenizer, max_length, log=None).examples
     if not examples:
@@ -118,15 +118,11 @@ def preference_accuracy(pipe, pairs: Path, batch_size: int = 4, max_length: int 
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            labels = batch["labels"].to(device)
-            targets = labels[:, 1:]
-            predicts = torch.zeros_like(labels, dtype=torch.bool)
-            predicts[:, :-1] = targets != IGNORE
+            predicts, targets = target_positions(batch["labels"].to(device))
             # logits only where a target token is predicted (full (rows, T, vocabulary) logits would be GBs)
-            logp = -F.cross_entropy(logits_of(model, batch, device, predicts).float(), targets[targets != IGNORE],
-                                    reduction="none")
+            logp = -F.cross_entropy(logits_of(model, batch, device, predicts).float(), targets, reduction="none")
             rows = predicts.nonzero()[:, 0]  # the row of each predicted position, in the mask's (row-major) order
-            sums = torch.zeros(labels.shape[0], device=device).index_add_(0, rows, logp)
+            sums = torch.zeros(predicts.shape[0], device=device).index_add_(0, rows, logp)
             chosen, rejected = split_pairs(sums, batch["n_pairs"])
             wins += int((chosen > rejected).sum())
             margins += (chosen - rejected).tolist()

@@ -77,6 +77,15 @@ __all__ = ["DPOOutput", "dpo_loss", "lm_loss_sum", "sequence_logps", "split_pair
 MODEL_INPUTS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask")
 
 
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) labels -> the positions whose next token is a target (B, T) bool, and those targets in the mask's
+    row-major order: what `logits_of(..., logits_mask)` needs to compute logits only where they are scored."""
+    targets = labels[:, 1:]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = targets != IGNORE
+    return predicts, targets[targets != IGNORE]
+
+
 def logits_of(model: nn.Module, batch: dict, device: torch.device, logits_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Through the module's __call__ (so DDP sees the forward): (B, T, V) logits, or (N, V) at the
     positions `logits_mask` (B, T) marks."""
@@ -100,12 +109,9 @@ class LMObjective:
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         # Logits only where position t predicts a target t+1: a few percent of an audio-heavy sequence,
         # and the (positions x vocabulary) lm_head product dominated short steps.
-        labels = batch["labels"].to(self.device)
-        targets = labels[:, 1:]
-        predicts = torch.zeros_like(labels, dtype=torch.bool)
-        predicts[:, :-1] = targets != IGNORE
+        predicts, targets = target_positions(batch["labels"].to(self.device))
         logits = logits_of(model, batch, self.device, predicts)
-        loss_sum = F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         return loss_sum, {"loss": float(loss_sum.detach()), "targets": int(predicts.sum())}
 
 
@@ -165,4 +171,4 @@ def precompute_reference(model: nn.Module, batches, device: torch.device, size: 
 
 
 __all__ = ["DPOObjective", "DPOOutput", "LMObjective", "dpo_loss", "lm_loss_sum", "logits_of", "precompute_reference",
-           "sequence_logps", "split_pairs", "token_logprobs"]
+           "sequence_logps", "split_pairs", "target_positions", "token_logprobs"]
