@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import qwen2audio  # noqa: E402
-from qwen2audio.engine import SamplingParams, generate_steps  # noqa: E402
+from qwen2audio.engine import LLMEngine, PromptInputs, SamplingParams, generate_steps  # noqa: E402
+from qwen2audio.engine.kv_cache import BLOCK_SIZE  # noqa: E402
 from qwen2audio.quant import QuantLinear  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
@@ -75,12 +76,17 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 
 # ---- the contenders: each is (prefill(ids) -> None, decode(ids, n) -> [stamp clocks]) ------------------
-def ours(model):
+def ours(pipe, max_len: int):
+    """Our engine (the one every surface runs on), one request at a time, its prefix cache off: every run
+    computes its whole prompt."""
+    engine = LLMEngine(pipe.model, pipe.tokenizer, pipe.stop_ids, max_batch=1, max_model_len=max_len,
+                       num_blocks=-(-max_len // BLOCK_SIZE), prefix_caching=False)
+
     def run(ids, new_tokens):
-        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        prompts, params = [PromptInputs(ids=list(ids))], SamplingParams(max_new_tokens=new_tokens)
         stamps = []
         clock = Clock()
-        for _ in generate_steps(model, inputs, SamplingParams(max_new_tokens=new_tokens), set()):
+        for _ in generate_steps(engine, prompts, params, ignore_eos=True):
             stamps.append(clock.since())
         return stamps
     return run
@@ -324,14 +330,15 @@ def main() -> None:
     base = qwen2audio.load(directory, device="cpu", dtype="float32", progress=False)
     ids = prompt_ids(base.tokenizer, args.prompt_tokens)
     short = ids[:16]
+    n_ctx = args.prompt_tokens + args.new_tokens + 16
 
     def load(dtype="float32", quantize=None):
         def make():
-            m = qwen2audio.load(directory, device="cpu", dtype=dtype, progress=False, quantize=quantize).model
-            return ours(m), llm_bytes(m)
+            pipe = qwen2audio.load(directory, device="cpu", dtype=dtype, progress=False, quantize=quantize)
+            return ours(pipe, n_ctx), llm_bytes(pipe.model)
         return make
 
-    makers = [("ours fp32", lambda: (ours(base.model), llm_bytes(base.model)))]
+    makers = [("ours fp32", lambda: (ours(base, n_ctx), llm_bytes(base.model)))]
     if "transformers" not in skip:
         try:
             import transformers  # noqa: F401
@@ -350,7 +357,6 @@ def main() -> None:
         else:
             gguf = find_gguf(Path(args.cache))
             if gguf is not None:
-                n_ctx = args.prompt_tokens + args.new_tokens + 16
                 q8 = q8_0_from(gguf, args.threads)
                 makers.append(("llama.cpp Q8_0", lambda: (llama_cpp_runner(q8, args.threads, n_ctx), gguf_decode_bytes(q8))))
                 makers.append(("llama.cpp Q4_K_M", lambda: (llama_cpp_runner(gguf, args.threads, n_ctx),

@@ -12,10 +12,10 @@ import torch
 
 from .chat import asr_prompt, raw_prompt
 from .engine import SamplingParams
+from .engine.generate import check_positions, raise_if_failed, step_until
 from .engine.inputs import PromptInputs, prepare_chat, prepare_prompt
 from .engine.kv_cache import BLOCK_SIZE
 from .engine.llm_engine import LLMEngine, iter_outputs
-from .engine.scheduler import PromptTooLong
 from .engine.model_runner import kv_bytes_per_token
 from .errors import Qwen2AudioError
 from .tokenizer import AUDIO
@@ -168,27 +168,17 @@ class Pipeline:
         return engine
 
     def _submit(self, prompts: list[PromptInputs], params: SamplingParams):
-        limit = self.model.config.text_config.max_position_embeddings
-        longest = max(len(p.ids) for p in prompts)
-        if longest + params.max_new_tokens > limit:
-            raise PromptTooLong(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
-                                f"model's {limit} positions")
+        check_positions(self.model, [len(p.ids) for p in prompts], params.max_new_tokens)
         with self._lock:
             engine = self.engine(prompts, params)
             return engine, [engine.submit(p, params) for p in prompts]
-
-    def _step_until(self, engine: LLMEngine, done) -> None:
-        while not done():
-            with self._lock:
-                if not done():
-                    engine.step()
 
     def _run(self, prompts: list[PromptInputs], params: SamplingParams) -> list[str]:
         if not prompts:
             return []
         engine, seqs = self._submit(prompts, params)
         try:
-            self._step_until(engine, lambda: all(s.finish_reason is not None for s in seqs))
+            step_until(engine, lambda: all(s.finish_reason is not None for s in seqs), self._lock)
         finally:
             for s in seqs:
                 engine.cancel(s)  # no-op for finished ones; frees the rest when a step is interrupted
@@ -197,7 +187,7 @@ class Pipeline:
             text = []
             for out in iter_outputs(s, timeout=0):
                 text.append(out.text)
-            _raise_if_failed(s)
+            raise_if_failed(s)
             answers.append("".join(text))
         return answers
 
@@ -205,10 +195,10 @@ class Pipeline:
         engine, (seq,) = self._submit([prompt], params)
         try:
             while True:
-                self._step_until(engine, lambda: not seq.outputs.empty())
+                step_until(engine, lambda: not seq.outputs.empty(), self._lock)
                 out = seq.outputs.get()
                 if out.finished:
-                    _raise_if_failed(seq)
+                    raise_if_failed(seq)
                 if out.text:
                     yield out.text
                 if out.finished:
@@ -226,13 +216,6 @@ def _fingerprint(model) -> tuple:
         except RuntimeError:  # an inference tensor keeps no version counter: it cannot be modified in place
             out.append((t.data_ptr(), -1))
     return tuple(out)
-
-
-def _raise_if_failed(seq) -> None:
-    if seq.finish_reason == "error":
-        if seq.exception is not None:
-            raise seq.exception
-        raise RuntimeError(seq.error)
 
 
 def strip_tags(text: str) -> str:

@@ -21,7 +21,7 @@ from tiny import sine
 
 import qwen2audio
 from qwen2audio.engine import SamplingParams, generate_steps
-from qwen2audio.engine.inputs import prepare_chat
+from qwen2audio.engine.inputs import prepare_chat, prepare_prompt
 from qwen2audio.engine.llm_engine import LLMEngine, collect, iter_outputs
 from qwen2audio.train.config import TrainConfig
 from qwen2audio.train.loop import train
@@ -31,6 +31,11 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 def analysis(audio, text="What's that sound?"):
     return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": text}]}]
+
+
+def engine_tokens(pipe, prompts, params):
+    """Each step's tokens from the pipeline's engine, no stop ids (as transformers' min_new_tokens forces)."""
+    return [s.tokens for s in generate_steps(pipe.engine(prompts, params), prompts, params, ignore_eos=True)]
 
 
 CONVERSATIONS = [
@@ -91,11 +96,12 @@ def test_greedy_tokens_match_reference_and_cpu(pipe, reference, tiny_checkpoint)
         out = reference.generate(**{k: v.cuda() for k, v in r.items()}, max_new_tokens=40, min_new_tokens=40,
                                  do_sample=False)
     ref_tokens = out[0, r["input_ids"].shape[1]:].tolist()
-    inputs = pipe.processor([text], audio=[clip])
-    ours = [s.tokens[0] for s in generate_steps(pipe.model, inputs, SamplingParams(max_new_tokens=40), set())]
+    prompts = [prepare_prompt(pipe.tokenizer, text, [clip])]
+    params = SamplingParams(max_new_tokens=40)
+    ours = [t[0] for t in engine_tokens(pipe, prompts, params)]
     assert ours == ref_tokens
     cpu = qwen2audio.load(tiny_checkpoint[0], device="cpu", progress=False)
-    assert [s.tokens[0] for s in generate_steps(cpu.model, inputs, SamplingParams(max_new_tokens=40), set())] == ours
+    assert [t[0] for t in engine_tokens(cpu, prompts, params)] == ours
 
 
 def test_batch_equals_one_by_one_on_cuda(pipe):
@@ -114,14 +120,17 @@ def eager(model):
 
 
 def test_cuda_graph_decode_equals_eager_across_span_buckets(pipe, no_tf32):
-    inputs = pipe.processor.prepare_chats([CONVERSATIONS[2], CONVERSATIONS[0]])  # left padding in row 0
+    prompts = [prepare_chat(pipe.tokenizer, c) for c in (CONVERSATIONS[2], CONVERSATIONS[0])]  # two lengths
     params = SamplingParams(max_new_tokens=300)  # the keys outgrow the first 256-key graph
+    # One engine for both runs; without prefix caching the second run computes its prompts again.
+    engine = LLMEngine(pipe.model, pipe.tokenizer, pipe.stop_ids, max_batch=2, prefix_caching=False)
+    assert engine.graphs is not None
     with eager(pipe.model):
-        expected = [s.tokens for s in generate_steps(pipe.model, inputs, params, set())]
-    graphed = [s.tokens for s in generate_steps(pipe.model, inputs, params, set())]
-    graphs = pipe.model._decode_graphs  # made by an earlier test, or by this one: it holds the rows
-    assert {(2, 256), (2, 512)} <= set(graphs.graphs)  # (rows, keys) buckets
-    assert graphed == expected
+        expected = [s.tokens for s in generate_steps(engine, prompts, params, ignore_eos=True)]
+    assert engine.graphs.replays == 0
+    graphed = [s.tokens for s in generate_steps(engine, prompts, params, ignore_eos=True)]
+    assert {(2, 256), (2, 512)} <= set(engine.graphs.graphs)  # (rows, keys) buckets
+    assert engine.graphs.replays >= 299 and graphed == expected
 
 
 def test_the_pipelines_engine_is_kept_and_its_graphs_equal_eager(pipe):

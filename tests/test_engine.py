@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from tiny import sine
+from tiny import run_until_idle, sine
 
 import qwen2audio
 from qwen2audio.chat import raw_prompt
-from qwen2audio.engine import SamplingParams, generate_steps
+from qwen2audio.engine import SamplingParams, generate_steps, prepare_chat
 from qwen2audio.engine.sampling import Sampler, apply_repetition_penalty, choose_tokens
+from qwen2audio.engine.scheduler import PromptTooLong
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +21,20 @@ def analysis(audio, text="What's that sound?"):
     return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": text}]}]
 
 
-def tokens_of(pipe, inputs, n, **kw):
-    steps = generate_steps(pipe.model, inputs, SamplingParams(max_new_tokens=n, **kw), set())
-    return [s.tokens for s in steps]
+def steps_of(pipe, conversations, params, ignore_eos=True):
+    """The engine's per-step tokens for a batch of conversations (by default with no stop ids at all)."""
+    prompts = [prepare_chat(pipe.tokenizer, c) for c in conversations]
+    return list(generate_steps(pipe.engine(prompts, params), prompts, params, ignore_eos=ignore_eos))
+
+
+def tokens_of(pipe, conversations, n, **kw):
+    return [s.tokens for s in steps_of(pipe, conversations, SamplingParams(max_new_tokens=n, **kw))]
 
 
 def test_cached_decoding_equals_uncached(pipe):
+    """The engine's greedy tokens (paged KV cache) equal a full forward over the whole sequence at every step."""
+    cached = [t[0] for t in tokens_of(pipe, [analysis(sine(2.0))], 24)]
     inputs = pipe.processor.prepare_chats([analysis(sine(2.0))])
-    cached = [t[0] for t in tokens_of(pipe, inputs, 24)]
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     uncached = []
     with torch.no_grad():
@@ -72,12 +79,41 @@ def test_stop_string_cuts_the_answer(pipe):
 
 
 def test_stop_token_ends_generation(pipe):
-    inputs = pipe.processor.prepare_chats([analysis(sine(2.0))])
-    free = [t[0] for t in tokens_of(pipe, inputs, 12)]
+    conversation = analysis(sine(2.0))
+    free = [t[0] for t in tokens_of(pipe, [conversation], 12)]
     stop_at = free[4]
-    steps = list(generate_steps(pipe.model, inputs, SamplingParams(max_new_tokens=12), {stop_at}))
+    steps = steps_of(pipe, [conversation], SamplingParams(max_new_tokens=12, stop_token_ids=[stop_at]), False)
     assert [s.tokens[0] for s in steps[:-1]] == free[: free.index(stop_at)]
     assert steps[-1].tokens[0] is None and steps[-1].finished[0]
+    assert not any(s.finished[0] for s in steps[:-1])
+
+
+def test_generate_steps_rows_finish_on_their_own(pipe):
+    """Rows of one call end apart: a row that stopped yields None and stays finished while the others go on, each
+    with the tokens it gets alone; the step a row reaches max_new_tokens is its last, and finished."""
+    a, b = analysis(sine(1.0, 300, seed=1)), [{"role": "user", "content": "hello world"}]
+    alone = [t[0] for t in tokens_of(pipe, [b], 10)]
+    stop_at = alone[3]
+    first = alone.index(stop_at)
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=[stop_at])
+    steps = steps_of(pipe, [a, b], params, ignore_eos=False)
+    assert [s.tokens[1] for s in steps[:first]] == alone[:first]
+    assert all(s.tokens[1] is None and s.finished[1] for s in steps[first:])
+    own = [t[0] for t in (s.tokens for s in steps_of(pipe, [a], params, ignore_eos=False))]
+    assert [s.tokens[0] for s in steps] == own
+    assert steps[-1].finished == [True, True] and not steps[-2].finished[0]
+
+
+def test_closing_generate_steps_early_cancels_its_rows(pipe):
+    prompts = [prepare_chat(pipe.tokenizer, analysis(sine(1.0)))]
+    params = SamplingParams(max_new_tokens=20)
+    engine = pipe.engine(prompts, params)
+    cancelled = engine.counters["finished_cancelled"]
+    steps = generate_steps(engine, prompts, params)
+    next(steps)
+    steps.close()
+    run_until_idle(engine)
+    assert engine.counters["finished_cancelled"] == cancelled + 1 and not engine.scheduler.running
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(pipe):
@@ -222,9 +258,12 @@ def test_placeholder_count_mismatch_is_an_error(pipe):
 
 
 def test_prompt_longer_than_positions_is_rejected(pipe):
-    inputs = pipe.processor.prepare_chats([analysis(sine(1.0))])
-    with pytest.raises(ValueError, match="exceeds the model's"):
-        list(generate_steps(pipe.model, inputs, SamplingParams(max_new_tokens=5000), set()))
+    prompts = [prepare_chat(pipe.tokenizer, analysis(sine(1.0)))]
+    params = SamplingParams(max_new_tokens=5000)
+    with pytest.raises(PromptTooLong, match="exceeds the model's"):
+        list(generate_steps(pipe.engine(), prompts, params))
+    with pytest.raises(ValueError, match="exceeds the model's"):  # PromptTooLong is a ValueError
+        pipe.chat(analysis(sine(1.0)), max_new_tokens=5000)
 
 
 def test_audio_parts_in_every_shape(pipe, tmp_path):
@@ -267,8 +306,7 @@ def test_answer_keeps_an_incomplete_trailing_character(pipe):
     tok = pipe.tokenizer
     for seed in range(6):
         messages = analysis(sine(1.0 + seed / 3, 200 + 100 * seed, seed=seed))
-        inputs = pipe.processor.prepare_chats([messages])
-        ids = [t[0] for t in tokens_of(pipe, inputs, 15)]
+        ids = [t[0] for t in tokens_of(pipe, [messages], 15)]
         ids = ids[: next((i for i, t in enumerate(ids) if t in pipe.stop_ids), len(ids))]
         assert pipe.chat(messages, max_new_tokens=15) == tok.decode(ids)
         assert "".join(pipe.stream(messages, max_new_tokens=15)) == tok.decode(ids)

@@ -7,6 +7,7 @@ from tiny import VARIANTS, build_reference_model, save_reference_checkpoint, sin
 
 import qwen2audio
 from qwen2audio.chat import raw_prompt
+from qwen2audio.engine import generate_steps, prepare_prompt
 from qwen2audio.features import log_mel_spectrogram, mel_filters
 
 transformers = pytest.importorskip("transformers")
@@ -119,8 +120,9 @@ def test_greedy_generation_matches_reference(pair):
     with torch.no_grad():
         out = ref.generate(**r, max_new_tokens=40, min_new_tokens=40, do_sample=False)
     ref_tokens = out[0, r["input_ids"].shape[1]:].tolist()
-    inputs = proc([text], audio=[CLIPS[1]])
-    ours = [s.tokens[0] for s in qwen2audio.engine.generate_steps(pipe.model, inputs, qwen2audio.SamplingParams(max_new_tokens=40), set())]
+    prompts = [prepare_prompt(pipe.tokenizer, text, [CLIPS[1]])]  # the engine's path: paged KV cache, its sampler
+    params = qwen2audio.SamplingParams(max_new_tokens=40)
+    ours = [s.tokens[0] for s in generate_steps(pipe.engine(prompts, params), prompts, params, ignore_eos=True)]
     assert len(ours) == 40 and ours == ref_tokens
 
 

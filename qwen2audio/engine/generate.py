@@ -1,97 +1,94 @@
-"""The static generate loop: prefill once, then one token per step from a preallocated contiguous KV cache.
+"""Stepping the engine in the caller's thread, and `generate_steps`: the engine's output as one token per row per step.
 
-No surface runs on it any more (the Python API, CLI, evaluator and server all use the engine, llm_engine.py). It
-stays as the plain reference the engine is checked against (tests: cached == uncached, the engine's answers ==
-this loop's) and as the benchmarks' model-only decode loop: a processor batch in, one step's tokens out.
-
-Batched rows are left-padded; each row's positions start at its first real token, so a row's
-greedy answer is the same alone or in a batch.
+There is one generation stack, the continuous-batching engine (llm_engine.py). The Python API (api.py's `Pipeline`)
+steps it with `step_until` in whichever thread waits; `generate_steps` is the same loop for the tests and benchmarks
+that read tokens rather than text: it submits a batch of prompts and yields step k once every unfinished row has
+its k-th token. Rows advance through the engine at their own pace (prompts are admitted and chunked by the
+scheduler), so a step may take several engine steps to fill, and a row's tokens are the ones it gets alone.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator
-
-import torch
+from typing import Callable, Iterator
 
 from ..model.qwen2_audio import Qwen2AudioModel
-from .cuda_graphs import decode_graphs_for
-from .sampling import Sampler, SamplingParams
-from .scheduler import PromptTooLong
+from .inputs import PromptInputs
+from .llm_engine import LLMEngine
+from .sampling import SamplingParams
+from .scheduler import FINISHED, Output, PromptTooLong, Sequence
 
 
 @dataclass
 class StepOutput:
     tokens: list[int | None]  # the new token of each row, None for rows already finished
-    finished: list[bool]
+    finished: list[bool]  # the row has no more tokens after this step
 
 
-@torch.inference_mode()
-def generate_steps(model: Qwen2AudioModel, inputs: dict, params: SamplingParams,
-                   stop_ids: set[int]) -> Iterator[StepOutput]:
-    """Yield every step's new tokens for a batch made by the processor. Stop ids end a row (not yielded)."""
-    device = model.device
-    input_ids = inputs["input_ids"].to(device)
-    key_mask = inputs.get("attention_mask", torch.ones_like(input_ids)).to(device).bool()
-    B, T = input_ids.shape
-    max_len = T + params.max_new_tokens
+def check_positions(model: Qwen2AudioModel, prompt_lens: list[int], max_new_tokens: int) -> None:
+    """PromptTooLong when the longest prompt plus the tokens asked for exceed the model's positions (an engine's own
+    limit, checked at submission, may be lower: its KV cache)."""
     limit = model.config.text_config.max_position_embeddings
-    if int(key_mask.sum(-1).max()) + params.max_new_tokens > limit:
-        raise PromptTooLong(
-            f"prompt of {int(key_mask.sum(-1).max())} tokens + max_new_tokens={params.max_new_tokens} "
-            f"exceeds the model's {limit} positions"
-        )
+    longest = max(prompt_lens, default=0)
+    if longest + max_new_tokens > limit:
+        raise PromptTooLong(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                            f"{limit} positions")
 
-    audio = None
-    if inputs.get("input_features") is not None:
-        audio = model.encode_audio(inputs["input_features"], inputs["feature_attention_mask"])
-    embeds = model.embed(input_ids, audio)
 
-    graphs = decode_graphs_for(model, B, max_len)  # on CUDA: decode steps replayed as graphs
+def step_until(engine: LLMEngine, done: Callable[[], bool], lock: threading.Lock | None = None) -> None:
+    """Step the engine in this thread until `done()`. Threads sharing an engine pass one lock: whoever waits steps
+    it, one step at a time, advancing every thread's requests."""
+    while not done():
+        with lock if lock is not None else nullcontext():
+            if done():
+                return
+            if not engine.scheduler.has_work():
+                raise RuntimeError("the engine has no work left, but the requests waited for are not finished")
+            engine.step()
+
+
+def raise_if_failed(seq: Sequence) -> None:
+    """A request that finished with an error raises it: its own exception (e.g. its audio), else RuntimeError."""
+    if seq.finish_reason == "error":
+        if seq.exception is not None:
+            raise seq.exception
+        raise RuntimeError(seq.error)
+
+
+def generate_steps(engine: LLMEngine, prompts: list[PromptInputs], params: SamplingParams, *,
+                   ignore_eos: bool = False, lock: threading.Lock | None = None) -> Iterator[StepOutput]:
+    """Submit `prompts` to `engine` and yield each step's new tokens, stepping the engine in this thread.
+
+    A row that ends on a stop id (the engine's, or `params.stop_token_ids`; none with `ignore_eos`) yields None for
+    it, finished; a row that ends by length or on a stop string yields its last token, finished. `lock`: the one
+    the threads sharing `engine` step it under (`step_until`). Closing the iterator early cancels the rows still
+    running (the engine's next step frees them). Raises PromptTooLong when a prompt does not fit."""
+    check_positions(engine.model, [len(p.ids) for p in prompts], params.max_new_tokens)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    ends: list[int | None] = [None] * len(prompts)  # a finished row's token count
+
+    def sink(i: int) -> Callable[[Output], None]:
+        def put(out: Output) -> None:
+            tokens[i].extend(out.token_ids)
+            if out.finished:
+                ends[i] = len(tokens[i])
+        return put
+
+    seqs: list[Sequence] = []
     try:
-        yield from _steps(model, input_ids, key_mask, embeds, params, stop_ids, max_len, graphs)
+        for i, p in enumerate(prompts):
+            seqs.append(engine.submit(p, params, sink=sink(i), ignore_eos=ignore_eos))
+        k = 0
+        while not all(e is not None and e <= k for e in ends):
+            step_until(engine, lambda: all(len(t) > k or e is not None for t, e in zip(tokens, ends)), lock)
+            for seq in seqs:
+                raise_if_failed(seq)
+            yield StepOutput(tokens=[t[k] if len(t) > k else None for t in tokens],
+                             finished=[e is not None and e <= k + 1 for e in ends])
+            k += 1
     finally:
-        if graphs is not None:
-            graphs.lock.release()
-
-
-def _steps(model, input_ids, key_mask, embeds, params, stop_ids, max_len, graphs):
-    device = model.device
-    B, T = input_ids.shape
-    cache = graphs.cache.rows(0, B) if graphs is not None else model.new_cache(B, max_len)
-    full_mask = torch.zeros(B, max_len, dtype=torch.bool, device=device)
-    full_mask[:, :T] = key_mask
-    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-    sampler = Sampler(B, model.config.text_config.vocab_size, device)  # the engine's sampler: rows sample alike
-    for i in range(B):
-        sampler.add(i, params, input_ids[i][key_mask[i]])
-
-    stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model.decode(embeds, full_mask, cache, offset=0, positions=positions, last_only=True)[:, -1]
-    next_pos = positions[:, -1:] + 1
-    for step in range(params.max_new_tokens):
-        tokens, ok = sampler.sample(logits.float())
-        is_stop = torch.isin(tokens, stop)
-        newly_done = done | is_stop
-        rows = [tokens, newly_done.long(), done.long()] + ([] if ok is None else [ok.long()])
-        host_tokens, host_done, host_prev, *host_ok = torch.stack(rows).tolist()  # one sync
-        if host_ok and not all(host_ok[0]):
-            raise RuntimeError("sampling failed: the probabilities are not finite (inf or NaN logits)")
-        yield StepOutput(
-            tokens=[None if (host_prev[i] or host_done[i]) else t for i, t in enumerate(host_tokens)],
-            finished=[bool(d) for d in host_done],
-        )
-        done = newly_done
-        if all(host_done) or step == params.max_new_tokens - 1:
-            return
-        offset = T + step
-        full_mask[:, offset] = ~done  # finished rows stop contributing keys
-        if graphs is not None:
-            logits = graphs(tokens, next_pos[:, 0], offset, full_mask[:, : offset + 1])
-        else:
-            step_embeds = model.language_model.model.embed_tokens(tokens[:, None])  # generated ids are plain text
-            logits = model.decode(step_embeds, full_mask, cache, offset=offset, positions=next_pos,
-                                  last_only=True)[:, -1]
-        next_pos = next_pos + 1
+        for seq in seqs:
+            if seq.status != FINISHED:
+                engine.cancel(seq)

@@ -71,7 +71,7 @@ class PagedBatch:
     read_slots: torch.Tensor  # (B, S) long
     direct: bool = False
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, offset=None):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, kv_heads, T, head_dim) -> keys and values (B, kv_heads, S, head_dim) each row attends over."""
         B, H, T, D = k.shape
         where = self.write_slots.reshape(-1)

@@ -1,7 +1,7 @@
 """Continuous-batching engine: requests join and leave the running batch at every step.
 
 `step()` = schedule -> run -> postprocess, driven by the engine's own thread (`start()`, the server) or by the
-caller's thread (`run_until_done`, the Python API):
+caller's thread (generate.py's `step_until`: the Python API, `generate_steps`):
 
 - schedule (scheduler.py): drop cancelled requests, make room in the paged KV cache for every decoding request's
   next token (preempting the latest admitted when blocks run out), then plan prompt chunks: prompts under way

@@ -73,7 +73,7 @@ class ModelRunner:
             mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device).masked_fill_(~allowed, float("-inf"))
             mask = mask[:, None]  # (B, 1, T, S)
         batch = PagedBatch(self.kv, write, read, direct=fresh)
-        hidden = lm.model(embeds, positions, mask, batch, None)  # (B, T, D)
+        hidden = lm.model(embeds, positions, mask, batch)  # (B, T, D)
         last = hidden[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]
         return lm.lm_head(last).float()
 
@@ -98,7 +98,7 @@ class ModelRunner:
             mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=device)
             mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
         embeds = lm.model.embed_tokens(tokens[:, None])  # generated ids are plain text: no audio to merge
-        hidden = lm.model(embeds, pos[:, None], mask, PagedBatch(self.kv, write, read), None)
+        hidden = lm.model(embeds, pos[:, None], mask, PagedBatch(self.kv, write, read))
         return lm.lm_head(hidden[:, -1]).float()
 
     # ---- tensors from block tables -------------------------------------------------------------

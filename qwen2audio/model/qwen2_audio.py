@@ -12,7 +12,7 @@ from ..config import Qwen2AudioConfig
 from ..errors import AudioTokenMismatch, Qwen2AudioError
 from ..weights import LM_HEAD, CheckpointError, check_directory, read_checkpoint, write_checkpoint
 from .encoder import AudioEncoder
-from .qwen2 import KVCache, Qwen2ForCausalLM, RowKVCache, rope_tables
+from .qwen2 import Qwen2ForCausalLM, rope_tables
 
 
 class MultiModalProjector(nn.Module):
@@ -29,18 +29,17 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, vocab)
 
 
-def attention_mask_4d(key_mask: torch.Tensor, q_len: int, offset: int) -> torch.Tensor:
-    """Causal + padding mask (B, 1, q_len, offset+q_len), True = may attend.
+def attention_mask_4d(key_mask: torch.Tensor) -> torch.Tensor:
+    """Causal + padding mask (B, 1, T, T), True = may attend.
 
-    key_mask (B, >=offset+q_len) marks real tokens. Each query also sees itself, so that a padding
-    row never has every key masked (SDPA would give NaN, and NaN K/V would leak through 0 weights).
+    key_mask (B, T) marks real tokens. Each query also sees itself, so that a padding row never has every key
+    masked (SDPA would give NaN, and NaN K/V would leak through 0 weights).
     """
-    s = offset + q_len
-    q_pos = torch.arange(offset, s, device=key_mask.device)[:, None]
-    k_pos = torch.arange(s, device=key_mask.device)[None, :]
-    causal = k_pos <= q_pos  # (q_len, s)
-    mask = causal[None] & key_mask[:, None, :s].bool()
-    mask |= (k_pos == q_pos)[None]
+    T = key_mask.shape[1]
+    pos = torch.arange(T, device=key_mask.device)
+    causal = pos[None, :] <= pos[:, None]  # (T, T)
+    mask = causal[None] & key_mask[:, None, :].bool()
+    mask |= (pos[None, :] == pos[:, None])[None]
     return mask[:, None]
 
 
@@ -69,7 +68,7 @@ class Qwen2AudioModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.multi_modal_projector.linear.weight.dtype
 
-    # ---- pieces the engine composes ------------------------------------------------------------
+    # ---- pieces: the engine encodes audio with encode_audio; the forward composes all three --------
     def encode_audio(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """(A, n_mels, T) features + (A, T) frame mask -> per-audio embeddings [(N_a, hidden)]."""
         frames = feature_attention_mask.sum(-1).to(self.device)
@@ -94,54 +93,30 @@ class Qwen2AudioModel(nn.Module):
             )
         return embeds.masked_scatter(is_audio[..., None], flat.to(embeds.dtype))
 
-    def decode(self, embeds, key_mask, cache: KVCache | None = None, offset: int = 0, positions=None,
-               last_only: bool = False, at: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the LLM over embeds (B, T, D) given key_mask (B, >=offset+T); returns logits (B, T, V), or
-        (B, 1, V) for the last position (`last_only`) or for position `at[b]` of each row (right padding),
-        or (N, V) for the N positions where `keep` (B, T) is True."""
-        T = embeds.shape[1]
+    def decode(self, embeds, key_mask, positions=None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the LLM over embeds (B, T, D) given key_mask (B, T), no cache: logits (B, T, V), or (N, V) for the N
+        positions where `keep` (B, T) is True."""
         if positions is None:
-            positions = positions_from_mask(key_mask[:, : offset + T])[:, offset:]
-        hidden = self.language_model.model(embeds, positions, self._attention_mask(key_mask, T, offset, embeds.dtype),
-                                           cache, offset)
-        if at is not None:
-            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), at.to(hidden.device)][:, None]
-        elif last_only:
-            hidden = hidden[:, -1:]
-        elif keep is not None:
+            positions = positions_from_mask(key_mask)
+        hidden = self.language_model.model(embeds, positions, self._attention_mask(key_mask, embeds.dtype))
+        if keep is not None:
             hidden = hidden[keep]
         return self.language_model.lm_head(hidden)
 
-    def decode_rows(self, tokens, positions, mask, cache: KVCache, span: int, where=None) -> torch.Tensor:
-        """One new token for each of the first B rows of `cache`, each row at its own position (B,): writes its
-        key and value at `where` (default: its position), attends over the first `span` keys of its row
-        (`mask`: additive (B, 1, 1, span), or None when a row may see all of them); returns logits (B, V)."""
-        lm = self.language_model
-        where = positions if where is None else where
-        embeds = lm.model.embed_tokens(tokens[:, None])  # generated ids are plain text: no audio to merge
-        hidden = lm.model(embeds, positions[:, None], mask, RowKVCache(cache.k, cache.v, where, span), None)
-        return lm.lm_head(hidden[:, -1])
-
     @staticmethod
-    def _attention_mask(key_mask: torch.Tensor, q_len: int, offset: int, dtype: torch.dtype):
-        """The cheapest mask SDPA needs: none for unpadded decode, "causal" for unpadded prefill,
-        else one additive float mask shared by all layers (SDPA would convert a bool one per layer)."""
-        if bool(key_mask[:, : offset + q_len].all()):
-            if q_len == 1:
-                return None
-            if offset == 0:
-                return "causal"
-        allowed = attention_mask_4d(key_mask, q_len, offset)
+    def _attention_mask(key_mask: torch.Tensor, dtype: torch.dtype):
+        """The cheapest mask SDPA needs: "causal" without padding, else one additive float mask shared by all
+        layers (SDPA would convert a bool one per layer)."""
+        if bool(key_mask.all()):
+            return "causal"
+        allowed = attention_mask_4d(key_mask)
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.allocate(self.config.text_config, batch, max_len, self.dtype, self.device)
 
     # ---- the Hugging Face-compatible forward ----------------------------------------------------
     def forward(self, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None,
                 position_ids=None, logits_mask=None, **unused) -> ModelOutput:
         """Logits for every position. Like the reference, positions default to 0..T-1 on every row
-        (pass `position_ids` for left-padded batches; the engine always does). `logits_mask` (B, T) bool
+        (pass `position_ids` for left-padded batches). `logits_mask` (B, T) bool
         keeps only the positions marked True, as (N, vocab) in row-major order: training needs logits only
         where a target is predicted, and the vocabulary-wide lm_head is the largest matmul of a short step."""
         if attention_mask is None:
