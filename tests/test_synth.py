@@ -371,19 +371,37 @@ def test_default_model_leg_records_are_those_of_a_build(corpus):
 
 
 def test_default_model_training_state_round_trip(tmp_path, monkeypatch):
+    """The repository keeps the latest checkpoint only, with AdamW's moments in bfloat16 (half the bytes); a new
+    machine gets it back with float32 moments, the other tensors untouched."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
     from qwen2audio.bundle import train_default
 
     monkeypatch.setattr(train_default, "STATE_DIR", tmp_path / "repo")
     work = tmp_path / "work"
+    g = torch.Generator().manual_seed(0)
+    optim = {"w::exp_avg": torch.randn(64, 8, generator=g), "w::exp_avg_sq": torch.rand(64, 8, generator=g) * 1e-9,
+             "w::step": torch.tensor(50.0), "rng": torch.arange(7, dtype=torch.uint8)}
     for step in (25, 50):
         (work / "runs" / "leg1" / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
         (work / "runs" / "leg1" / "checkpoints" / f"step-{step:08d}" / "state.json").write_text(str(step))
+        save_file(optim, str(work / "runs" / "leg1" / "checkpoints" / f"step-{step:08d}" / "optimizer.safetensors"))
     saved = train_default.save_state(work, "leg1")
     assert [p.name for p in (tmp_path / "repo" / "leg1" / "checkpoints").iterdir()] == ["step-00000050"]
     assert (saved / "state.json").read_text() == "50"
+    in_repo = load_file(str(saved / "optimizer.safetensors"))
+    assert in_repo["w::exp_avg"].dtype == in_repo["w::exp_avg_sq"].dtype == torch.bfloat16
+    assert in_repo["w::step"].dtype == torch.float32 and torch.equal(in_repo["rng"], optim["rng"])
     fresh = tmp_path / "fresh"  # a new machine: the repository's checkpoint comes back into the run
     train_default.restore_state(fresh, "leg1")
-    assert (fresh / "runs" / "leg1" / "checkpoints" / "step-00000050" / "state.json").read_text() == "50"
+    restored = fresh / "runs" / "leg1" / "checkpoints" / "step-00000050"
+    assert (restored / "state.json").read_text() == "50"
+    back = load_file(str(restored / "optimizer.safetensors"))
+    for key in ("w::exp_avg", "w::exp_avg_sq"):  # float32 again, equal to bfloat16 precision (tiny values kept)
+        assert back[key].dtype == torch.float32
+        torch.testing.assert_close(back[key], optim[key], rtol=8e-3, atol=0)
+    assert not list(restored.parent.glob(".tmp-*"))
 
 
 def test_default_model_exports_stack_every_legs_training():
