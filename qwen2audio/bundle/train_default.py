@@ -84,10 +84,11 @@ DPO_PAIRS = {"leg6": (("leg5.jsonl", 3000), ("heldout.jsonl", 400))}  # (convers
 # transcripts drifted towards them ("What is the capital of France?"), so leg 2 moves on to the whole corpus with
 # the open-vocabulary sentences. Leg 2 was stopped at step 175 (loss about 2.1, transcripts fluent but unrelated
 # to the speech), leg 3 at step 250 (see above), leg 4 at step 625 (its loss flat at about 2.0 from step 270 on;
-# leg 5 trains the same task records inside its mixture). A leg starts from what its previous leg's latest checkpoint
-# trained; a finished leg keeps only that in the repository (`save-state --final`).
+# leg 5 trains the same task records inside its mixture), and leg 5 at step 3,775 of 4,000 (its learning rate at its
+# floor of 3e-5 since about step 3,700, the loss flat at about 0.77 since step 2,500). A leg starts from what its
+# previous leg's latest checkpoint trained; a finished leg keeps only that in the repository (`save-state --final`).
 PREVIOUS = {"leg2": "leg1", "leg3": "leg2", "leg4": "leg3", "leg5": "leg4", "leg6": "leg5"}
-CURRENT = "leg5"  # the leg `train` continues by default
+CURRENT = "leg6"  # the leg `train` continues by default
 OPEN_SHARE = 0.5  # of the English open-vocabulary sentences also trained as voice chat
 SAVE_EVERY = 25
 ANSWERS = "answers.jsonl"  # the original LLM's answers to the voice-chat texts (answers.py), a resumable cache
