@@ -11,6 +11,8 @@ the implementations (with one thread, CPU time ~ the time the kernel itself took
 Weights read per decode step: every matrix the step multiplies by (for ours: the quantised codes plus
 scales; for llama.cpp: the GGUF tensors except the token-embedding table), so GB/s = bytes x tokens/s.
 Copy bandwidth: a 256 MiB `Tensor.copy_` counted as bytes read + written, measured with the same threads.
+Each of our rows also times its linear layers alone (one row each, back to back, no model around them): no
+decode step with those kernels can beat that, which tells a slow kernel from slow code around it.
 
     python benchmarks/bench_lowbit.py --model DIR           # a default-model directory (qwen2audio assemble)
     python benchmarks/bench_lowbit.py --threads 1 --new-tokens 32 --repeats 3
@@ -89,7 +91,24 @@ def ours(pipe, max_len: int):
         for _ in generate_steps(engine, prompts, params, ignore_eos=True):
             stamps.append(clock.since())
         return stamps
+    run.model = pipe.model  # for linear_layers_alone
     return run
+
+
+def linear_layers_alone(model, repeats: int = 5) -> float:
+    """Seconds per decode step of the LLM's linear layers and lm_head alone, each called on one row, back to back,
+    with nothing around them: the ceiling of batch-1 decoding with these layers, which the rest of the step (norms,
+    attention, the engine) eats into."""
+    layers = [m for m in model.language_model.modules() if isinstance(m, (QuantLinear, torch.nn.Linear))]
+    inputs = [torch.randn(1, 1, m.in_features, dtype=model.dtype) for m in layers]
+    times = []
+    with torch.inference_mode():
+        for r in range(repeats + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            for layer, x in zip(layers, inputs):
+                layer(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def llm_bytes(model) -> int:
@@ -363,10 +382,12 @@ def main() -> None:
                                                             gguf_decode_bytes(gguf))))
 
     contenders = []  # (name, bytes per decode step)
-    decode, prefill = {}, {}
+    decode, prefill, alone = {}, {}, {}
     for name, make in makers:
         run, nbytes = make()
         contenders.append((name, nbytes))
+        if hasattr(run, "model"):
+            alone[name] = linear_layers_alone(run.model)
         decode[name], prefill[name] = [], []
         run(short, 4)  # warm-up
         for r in range(args.repeats):
@@ -399,6 +420,13 @@ def main() -> None:
         print(f"{name:18s} {nbytes / 1e6:8.0f} {d:7.1f} {c:7.1f} {gbs:6.1f} {100 * gbs / bw:5.0f}% {d / rd:7.2f} "
               f"{c / rc:10.2f} | {p:8.0f} {pc:7.0f} {p / rp:7.2f}")
     names = [n for n, _ in contenders]
+    anchors = {"ours fp32": None, "ours bf16": None, "ours int8": "llama.cpp Q8_0", "ours int4": "llama.cpp Q4_K_M"}
+    print("\nthe linear layers alone (one row each, back to back, nothing around them): the ceiling of each row")
+    for name, seconds in alone.items():
+        anchor = anchors.get(name)
+        vs = (f", {1 / seconds / med(decode[anchor], 0):.2f}x {anchor}" if anchor in names else "")
+        print(f"  {name:12s} {1e3 * seconds:6.1f} ms/step -> at most {1 / seconds:5.1f} tok/s{vs}; the whole step "
+              f"reaches {med(decode[name], 0) * seconds:.0%} of it")
     for ours_name, anchor in (("ours int8", "llama.cpp Q8_0"), ("ours int4", "llama.cpp Q4_K_M")):
         if ours_name in names and anchor in names:
             print(f"{ours_name} / {anchor}: decode {med(decode[ours_name], 0) / med(decode[anchor], 0):.2f} "
