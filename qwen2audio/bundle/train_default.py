@@ -73,10 +73,12 @@ LEGS = {
                            "--max-steps", "8000", "--max-length", "320", "--set", "warmup_steps=50"]),
     "leg5": (CORPUS_SIZE, [*ALL_LORA, *PRECISION, "--lr", "3e-4", "--batch-size", "4",
                            "--max-steps", "4000", "--max-length", "320", "--set", "warmup_steps=20"]),
-    # DPO on pairs from leg 5's own mistakes (preference.py); the reference is the leg's start (adapters off)
-    "leg6": (CORPUS_SIZE, [*ALL_LORA, *PRECISION, "--lr", "2e-5", "--batch-size", "2", "--max-steps", "1500",
+    # DPO on pairs from leg 5's own mistakes (preference.py); the reference is the leg's start (adapters off). One
+    # pass over the pairs (about a third of 3,000 answers make one; 2 a step): a DPO step computes both answers
+    # under the policy and the reference, several times an SFT step's work.
+    "leg6": (CORPUS_SIZE, [*ALL_LORA, *PRECISION, "--lr", "2e-5", "--batch-size", "2", "--max-steps", "500",
                            "--max-length", "384", "--set", "warmup_steps=20", "--set", "beta=0.1",
-                           "--eval-every", "250"]),
+                           "--eval-every", "100"]),
 }
 STAGE = {"leg6": "dpo"}  # the trainer's stage of a leg (sft otherwise)
 DPO_PAIRS = {"leg6": (("leg5.jsonl", 3000), ("heldout.jsonl", 400))}  # (conversations, how many) -> train, held-out
