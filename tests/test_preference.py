@@ -65,6 +65,11 @@ def test_pairs_resume_load_as_dpo_data_and_accuracy_equals_full_logits(data, pip
     out.write_text("".join(line + "\n" for line in lines[:2]))  # the first batch's pairs
     assert preference.build_pairs(pipe, data, out, batch_size=2, max_new_tokens=8, progress=False) == result
     assert out.read_text().splitlines() == lines
+    # stopped after writing the second batch's pair, before saving its count: that pair is not written twice
+    first = "".join(line + "\n" for line in lines[:2]).encode()
+    (out.with_name(out.name + ".progress")).write_text(json.dumps({"answered": 2, "bytes": len(first)}))
+    assert preference.build_pairs(pipe, data, out, batch_size=2, max_new_tokens=8, progress=False) == result
+    assert out.read_text().splitlines() == lines
 
     accuracy = preference.preference_accuracy(pipe, out, batch_size=2)
     # the reference: whole-sequence logits of every pair at once

@@ -7,7 +7,8 @@ pairs: the model answers the user turn of each one-turn, one-clip conversation o
 "<audio>What's that sound?", and voice chat, the clip alone), greedily. Where its answer is far from the record's
 (word error rate against it, over normalised words, above --threshold), the record becomes a DPO record: the
 record's answer is chosen, the model's rejected. Task records (raw prompts) are left out. The output grows batch
-by batch next to a count of the records already answered, so a stopped run continues where it was.
+by batch next to a count of the records already answered (and of the output's bytes then), so a stopped run
+continues where it was, without repeating the pairs of a batch whose count it had not saved.
 
 accuracy: the share of pairs whose chosen answer the model finds more likely than the rejected one (summed
 log-probabilities of the answer tokens, the quantity DPO compares). Measured on held-out pairs before and after
@@ -77,9 +78,13 @@ def build_pairs(pipe, data: Path, out: Path, limit: int | None = None, seed: int
     random.Random(seed).shuffle(records)
     records = records[:limit] if limit else records
     state = out.with_name(out.name + ".progress")
-    done = json.loads(state.read_text())["answered"] if state.exists() and out.exists() else 0
+    progress = json.loads(state.read_text()) if state.exists() and out.exists() else {}
+    done = progress.get("answered", 0)
     if not done:
         out.write_text("", encoding="utf-8")
+    elif "bytes" in progress and out.stat().st_size > progress["bytes"]:
+        with out.open("r+b") as f:  # pairs of a batch written before a stop that left its count unsaved
+            f.truncate(progress["bytes"])
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     with tqdm(total=len(records), initial=done, desc="answering", unit="record", disable=not progress) as bar:
         for start in range(done, len(records), batch_size):
@@ -93,7 +98,7 @@ def build_pairs(pipe, data: Path, out: Path, limit: int | None = None, seed: int
             with out.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
             tmp = state.with_name(state.name + ".tmp")
-            tmp.write_text(json.dumps({"answered": start + len(batch)}))
+            tmp.write_text(json.dumps({"answered": start + len(batch), "bytes": out.stat().st_size}))
             os.replace(tmp, state)
             bar.update(len(batch))
     n_pairs = sum(1 for line in out.read_text(encoding="utf-8").splitlines() if line.strip())
