@@ -370,6 +370,22 @@ def test_default_model_leg_records_are_those_of_a_build(corpus):
     assert task_records("tiny") == read_jsonl(root / "pretrain_train.jsonl")
 
 
+def test_a_dpo_leg_on_a_new_machine_first_builds_the_conversations_it_answers(tmp_path, monkeypatch):
+    """A DPO leg answers an earlier leg's data, which a fresh corpus lacks: the leg builds it before the pairs."""
+    from qwen2audio.bundle import train_default
+
+    monkeypatch.setattr(train_default, "STATE_DIR", tmp_path / "repo")
+    monkeypatch.setattr(train_default, "LEGS", {"leg1": ("chat=4", []), "leg9": ("chat=4", [])})
+    monkeypatch.setattr(train_default, "DPO_PAIRS", {"leg9": (("leg1.jsonl", 10), ("heldout.jsonl", 4))})
+    commands = []
+    monkeypatch.setattr(train_default, "_run", commands.append)
+    corpus = tmp_path / "work" / "corpus1"
+    corpus.mkdir(parents=True)
+    train_default.leg_data(tmp_path / "work", "leg9")
+    assert read_jsonl(corpus / "leg1.jsonl") == train_default.task_records("chat=4")
+    assert [c[c.index("--data") + 1] for c in commands] == [str(corpus / "leg1.jsonl"), str(corpus / "heldout.jsonl")]
+
+
 def test_default_model_training_state_round_trip(tmp_path, monkeypatch):
     """The repository keeps the latest checkpoint only, with AdamW's moments in bfloat16 (half the bytes); a new
     machine gets it back with float32 moments, the other tensors untouched."""

@@ -127,6 +127,8 @@ def leg_data(work: Path, leg: str) -> Path:
             if saved.exists() and not (work / "corpus1" / saved.name).exists():
                 shutil.copy2(saved, work / "corpus1" / saved.name)
         for (source, limit), target in zip(DPO_PAIRS[leg], (path, heldout_pairs(work, leg))):
+            if not (work / "corpus1" / source).exists() and Path(source).stem in LEGS:
+                leg_data(work, Path(source).stem)  # a new machine: the earlier leg's data, from its saved answers
             _run([sys.executable, "-m", "qwen2audio.bundle.preference", "pairs", "--model", str(work / f"{leg}-start"),
                   "--data", str(work / "corpus1" / source), "--out", str(target), "--limit", str(limit),
                   "--seed", str(SEED), "--no-progress"])
