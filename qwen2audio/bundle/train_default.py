@@ -75,7 +75,7 @@ LEGS = {
                            "--max-steps", "4000", "--max-length", "320", "--set", "warmup_steps=20"]),
     # DPO on pairs from leg 5's own mistakes (preference.py); the reference is the leg's start (adapters off). One
     # pass over the pairs (about a third of 3,000 answers make one; 2 a step): a DPO step computes both answers
-    # under the policy and the reference, several times an SFT step's work.
+    # under the policy and under the reference.
     "leg6": (CORPUS_SIZE, [*ALL_LORA, *PRECISION, "--lr", "2e-5", "--batch-size", "2", "--max-steps", "500",
                            "--max-length", "384", "--set", "warmup_steps=20", "--set", "beta=0.1",
                            "--eval-every", "100"]),
