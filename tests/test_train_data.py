@@ -18,7 +18,7 @@ from qwen2audio.features import num_audio_tokens, num_valid_frames
 from qwen2audio.processor import Qwen2AudioProcessor
 from qwen2audio.train import checkpoint as ckpt
 from qwen2audio.train.config import TrainConfig, TrainConfigError
-from qwen2audio.train.objectives import dpo_loss, lm_loss_sum, sequence_logps
+from qwen2audio.train.objectives import DPOObjective, dpo_loss, lm_loss_sum, sequence_logps
 from qwen2audio.train.pretrain_tasks import (TaskError, examples_from_pairs, make_example, task_record,
                                              task_records_from_pairs)
 from qwen2audio.train.records import IGNORE, DataError, load_examples
@@ -295,6 +295,33 @@ def test_dpo_loss_matches_hand_computation():
     assert torch.allclose(sequence_logps(logits, labels), torch.tensor([math.log(0.25) + math.log(0.1)]))
     loss_sum, n = lm_loss_sum(logits, labels)
     assert n == 2 and loss_sum.item() == pytest.approx(-(math.log(0.25) + math.log(0.1)), rel=1e-6)
+
+
+def test_rpo_adds_the_chosen_answers_mean_token_nll_to_each_pair():
+    class FixedLogits(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, **inputs):
+            return type("Out", (), {"logits": self.logits})()
+
+    # one pair: the chosen row scores two tokens (0.25, 0.1), the rejected row one (0.6)
+    probs = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]],
+                          [[0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3]]])
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.tensor([[IGNORE, 1, 2], [IGNORE, 2, IGNORE]]),
+             "n_pairs": 1, "split": "train", "index": torch.tensor([0])}
+    tables = {"train": torch.tensor([[-3.0, -1.0]])}  # reference log-probs (chosen, rejected)
+    model = FixedLogits(torch.log(probs))
+    plain, plain_stats = DPOObjective(torch.device("cpu"), beta=0.5, tables=tables)(model, batch)
+    rpo, rpo_stats = DPOObjective(torch.device("cpu"), beta=0.5, tables=tables, rpo_alpha=2.0)(model, batch)
+    chosen, rejected = math.log(0.25) + math.log(0.1), math.log(0.6)
+    expected_dpo = math.log(1 + math.exp(-0.5 * ((chosen + 3.0) - (rejected + 1.0))))
+    assert float(plain) == pytest.approx(expected_dpo) and "nll/chosen" not in plain_stats
+    assert rpo_stats["nll/chosen"] == pytest.approx(-chosen / 2)  # mean over the chosen answer's two tokens
+    assert float(rpo) == pytest.approx(expected_dpo - 2.0 * chosen / 2)
+    with pytest.raises(TrainConfigError, match="rpo_alpha"):
+        TrainConfig(rpo_alpha=-1.0)
 
 
 # ---- checkpoint files --------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 42
     # ---- DPO ---------------------------------------------------------------------------------
     beta: float = 0.1
+    rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answer's mean token NLL to each pair's loss (RPO)
     dpo_reference: str = "copy"  # copy (frozen copy, or adapters off with LoRA) | precompute (log-probs once)
     # ---- precision, memory, device -----------------------------------------------------------
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32) | fp32 | bf16
@@ -117,7 +118,8 @@ class TrainConfig:
         for name in ("eval_every", "warmup_steps", "max_steps", "stop_at_step", "save_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "lora_dropout", "min_lr_ratio", "adam_eps", "audio_cache_gb"):
+        for name in ("weight_decay", "max_grad_norm", "lora_dropout", "min_lr_ratio", "adam_eps", "audio_cache_gb",
+                     "rpo_alpha"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

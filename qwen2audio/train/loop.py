@@ -33,7 +33,7 @@ from .tower_cache import TowerCache
 # Options a resumed run must share with the checkpoint's run: they shape the weights, the optimizer or the data order.
 RESUME_INVARIANTS = ("stage", "model", "data", "freeze_audio_tower", "freeze_projector", "freeze_llm", "lora", "lora_r",
                      "lora_alpha", "lora_target_modules", "lora_parts", "batch_size", "grad_accum", "seed", "beta",
-                     "dpo_reference")
+                     "rpo_alpha", "dpo_reference")
 
 
 @dataclass
@@ -146,7 +146,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> TrainResult:
             if eval_set is not None:
                 tables["eval"] = _reference_table(model, eval_set, eval_collate, cfg, d, autocast)
         objective = DPOObjective(d.device, cfg.beta, reference=reference,
-                                 lora_base=model if cfg.lora and cfg.dpo_reference == "copy" else None, tables=tables)
+                                 lora_base=model if cfg.lora and cfg.dpo_reference == "copy" else None, tables=tables,
+                                 rpo_alpha=cfg.rpo_alpha)
     else:
         objective = LMObjective(d.device)
     audio_side = not (cfg.freeze_audio_tower and cfg.freeze_projector)

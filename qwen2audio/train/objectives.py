@@ -122,8 +122,9 @@ class DPOObjective:
     count_key = "pairs"
 
     def __init__(self, device: torch.device, beta: float, reference: nn.Module | None = None,
-                 lora_base: nn.Module | None = None, tables: dict[str, torch.Tensor] | None = None):
-        self.device, self.beta = device, beta
+                 lora_base: nn.Module | None = None, tables: dict[str, torch.Tensor] | None = None,
+                 rpo_alpha: float = 0.0):
+        self.device, self.beta, self.rpo_alpha = device, beta, rpo_alpha
         self.reference, self.lora_base, self.tables = reference, lora_base, tables
 
     def count(self, batch: dict) -> int:
@@ -143,12 +144,20 @@ class DPOObjective:
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         ref_chosen, ref_rejected = self.reference_logps(batch)
+        labels = batch["labels"].to(self.device)
         logits = logits_of(model, batch, self.device)
-        logps = sequence_logps(logits, batch["labels"].to(self.device))
-        chosen, rejected = split_pairs(logps, batch["n_pairs"])
+        chosen, rejected = split_pairs(sequence_logps(logits, labels), batch["n_pairs"])
         out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
-        loss_sum = out.losses.sum()
-        stats = {"loss": float(loss_sum.detach()), "pairs": batch["n_pairs"], **out.sums(),
+        losses, extra = out.losses, {}
+        if self.rpo_alpha:
+            # RPO (Pang et al., 2024): plain DPO may lower the chosen answer's likelihood as long as the rejected one
+            # falls faster, and greedy decoding then drifts; the chosen answer's mean token NLL holds it up.
+            n_tokens = (labels[: batch["n_pairs"], 1:] != IGNORE).sum(-1).clamp(min=1)
+            nll = -chosen / n_tokens
+            losses = losses + self.rpo_alpha * nll
+            extra["nll/chosen"] = float(nll.detach().sum())
+        loss_sum = losses.sum()
+        stats = {"loss": float(loss_sum.detach()), "pairs": batch["n_pairs"], **out.sums(), **extra,
                  "logps/chosen": float(chosen.detach().sum()), "logps/rejected": float(rejected.detach().sum())}
         return loss_sum, stats
 
