@@ -309,8 +309,8 @@ def test_rpo_adds_the_chosen_answers_mean_token_nll_to_each_pair():
     # one pair: the chosen row scores two tokens (0.25, 0.1), the rejected row one (0.6)
     probs = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]],
                           [[0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3]]])
-    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.tensor([[IGNORE, 1, 2], [IGNORE, 2, IGNORE]]),
-             "n_pairs": 1, "split": "train", "index": torch.tensor([0])}
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "n_pairs": 1, "split": "train",
+             "labels": torch.tensor([[IGNORE, 1, 2], [IGNORE, 2, IGNORE]]), "index": torch.tensor([0])}
     tables = {"train": torch.tensor([[-3.0, -1.0]])}  # reference log-probs (chosen, rejected)
     model = FixedLogits(torch.log(probs))
     plain, plain_stats = DPOObjective(torch.device("cpu"), beta=0.5, tables=tables)(model, batch)
