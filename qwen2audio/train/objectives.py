@@ -144,16 +144,15 @@ class DPOObjective:
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         ref_chosen, ref_rejected = self.reference_logps(batch)
-        labels = batch["labels"].to(self.device)
-        logits = logits_of(model, batch, self.device)
-        chosen, rejected = split_pairs(sequence_logps(logits, labels), batch["n_pairs"])
+        logp, scored = token_logprobs(logits_of(model, batch, self.device), batch["labels"].to(self.device))
+        chosen, rejected = split_pairs(logp.sum(-1), batch["n_pairs"])
         out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
         losses, extra = out.losses, {}
         if self.rpo_alpha:
             # RPO (Pang et al., 2024): plain DPO may lower the chosen answer's likelihood as long as the rejected one
             # falls faster, and greedy decoding then drifts; the chosen answer's mean token NLL holds it up.
-            n_tokens = (labels[: batch["n_pairs"], 1:] != IGNORE).sum(-1).clamp(min=1)
-            nll = -chosen / n_tokens
+            chosen_tokens, _ = split_pairs(scored.sum(-1).clamp(min=1), batch["n_pairs"])
+            nll = -chosen / chosen_tokens
             losses = losses + self.rpo_alpha * nll
             extra["nll/chosen"] = float(nll.detach().sum())
         loss_sum = losses.sum()
